@@ -1,0 +1,1 @@
+"""State descriptions shipped with lmencoders (YAML files, one per environment layout)."""

@@ -1,0 +1,38 @@
+"""lmencoders: read offline-RL observations as text through a pre-trained language model.
+
+``import lmencoders`` registers :class:`LMEncoderFactory` with d3rlpy (type ``"lm"``), so
+``d3rlpy.load_learnable`` can rebuild algorithms that use it.
+"""
+
+from .backbone import DEFAULT_MODEL, TUNING_MODES
+from .description import StateDescription, load_description, shipped_descriptions
+from .encoders import LMEncoderFactory, register
+from .errors import (
+    DescriptionError,
+    LMEncodersError,
+    ModelMismatchError,
+    ModelNotFoundError,
+    ObservationError,
+    TextTooLongError,
+)
+from .features import embed_observations
+
+register()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "TUNING_MODES",
+    "LMEncoderFactory",
+    "StateDescription",
+    "load_description",
+    "shipped_descriptions",
+    "embed_observations",
+    "LMEncodersError",
+    "DescriptionError",
+    "ObservationError",
+    "TextTooLongError",
+    "ModelNotFoundError",
+    "ModelMismatchError",
+]

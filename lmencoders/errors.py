@@ -1,0 +1,27 @@
+"""Exceptions that name what went wrong and where (file, field, value)."""
+
+from __future__ import annotations
+
+
+class LMEncodersError(Exception):
+    """Base class of every error raised by lmencoders."""
+
+
+class DescriptionError(LMEncodersError, ValueError):
+    """A state description is malformed or does not fit the observations."""
+
+
+class ObservationError(LMEncodersError, ValueError):
+    """Observations cannot be written as text (NaN, inf, out of range)."""
+
+
+class TextTooLongError(LMEncodersError, ValueError):
+    """A piece of text that cannot be split does not fit the LM's window."""
+
+
+class ModelNotFoundError(LMEncodersError, OSError):
+    """The requested language model cannot be loaded from disk."""
+
+
+class ModelMismatchError(LMEncodersError, RuntimeError):
+    """A checkpoint was trained with other LM weights than the ones loaded now."""

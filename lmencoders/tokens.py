@@ -1,0 +1,97 @@
+"""Strings -> token batches: chunk texts that overflow the LM window, bucket by length.
+
+A text is a list of segments joined by a separator. A text that does not fit the window is
+cut only between segments (between groups where the description has groups) into chunks that
+each fit; the chunks are encoded separately and pooled back into one vector per text
+(see :mod:`lmencoders.backbone`). Nothing is ever truncated: a single segment longer than the
+window is an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import TextTooLongError
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """Token ids (special tokens included) of every chunk, and the text each belongs to."""
+
+    ids: list[list[int]]
+    owner: np.ndarray  # (num_chunks,) index of the text a chunk belongs to
+    num_texts: int
+
+
+def _pack_segments(
+    tokenizer, segments: Sequence[str], separator: str, budget: int, max_length: int
+) -> list[str]:
+    """Greedy packing of consecutive segments into chunk texts of at most ``budget`` tokens."""
+    counts = [len(ids) for ids in tokenizer(list(segments), add_special_tokens=False)["input_ids"]]
+    sep_count = len(tokenizer(separator.strip() or separator, add_special_tokens=False)["input_ids"])
+    chunks: list[list[str]] = []
+    used = 0
+    for segment, count in zip(segments, counts):
+        if count > budget:
+            raise TextTooLongError(
+                f"segment {segment[:60]!r}... has {count} tokens, more than the LM window of "
+                f"{max_length} tokens allows; it cannot be split further (lower the decimals, "
+                f"shorten labels, or split its group in the description)"
+            )
+        if chunks and used + sep_count + count <= budget:
+            chunks[-1].append(segment)
+            used += sep_count + count
+        else:
+            chunks.append([segment])
+            used = count
+    return [separator.join(chunk) for chunk in chunks]
+
+
+def tokenize_texts(
+    tokenizer, segments: Sequence[Sequence[str]], separator: str, max_length: int
+) -> Chunks:
+    """Tokenise texts given as segments; split those longer than ``max_length`` into chunks."""
+    texts = [separator.join(s) for s in segments]
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    budget = max_length - tokenizer.num_special_tokens_to_add()
+    out_ids: list[list[int]] = []
+    owner: list[int] = []
+    for index, token_ids in enumerate(ids):
+        if len(token_ids) <= max_length:
+            out_ids.append(token_ids)
+            owner.append(index)
+            continue
+        pieces = _pack_segments(tokenizer, segments[index], separator, budget, max_length)
+        for piece_ids in tokenizer(pieces, add_special_tokens=True)["input_ids"]:
+            if len(piece_ids) > max_length:  # only possible with tokenisers that merge across
+                raise TextTooLongError(  # separators; never truncate silently
+                    f"a chunk of {len(piece_ids)} tokens exceeds the window of {max_length}"
+                )
+            out_ids.append(piece_ids)
+            owner.append(index)
+    return Chunks(out_ids, np.asarray(owner, dtype=np.int64), len(texts))
+
+
+def length_buckets(
+    ids: Sequence[Sequence[int]], batch_size: int, pad_id: int
+) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    """Batches of similar length (sorted), padded to their own longest, not the global one.
+
+    Yields ``(positions, input_ids, attention_mask)`` where positions index into ``ids``.
+    """
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    order = np.argsort(lengths, kind="stable")
+    for start in range(0, len(order), batch_size):
+        positions = order[start : start + batch_size]
+        width = int(lengths[positions].max())
+        input_ids = torch.full((len(positions), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(positions), width), dtype=torch.long)
+        for row, pos in enumerate(positions.tolist()):
+            n = lengths[pos]
+            input_ids[row, :n] = torch.as_tensor(ids[pos], dtype=torch.long)
+            mask[row, :n] = 1
+        yield positions, input_ids, mask
