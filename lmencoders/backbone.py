@@ -22,6 +22,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .errors import ModelNotFoundError
 from .tokens import length_buckets, tokenize_texts
@@ -221,11 +222,16 @@ class LanguageModel:
         self.model = model.eval().requires_grad_(False)
         self.weights_sha256 = weights_sha256
         self.hidden_size = int(model.config.hidden_size)
-        windows = [getattr(model.config, "max_position_embeddings", None),
-                   _sentence_transformers_window(path)]
+        windows = [
+            getattr(model.config, "max_position_embeddings", None),
+            _sentence_transformers_window(path),
+        ]
         if tokenizer.model_max_length < 1_000_000:
             windows.append(tokenizer.model_max_length)
         self.window = min(w for w in windows if w)
+        # Chunking keeps every model input within the window; the tokenizer's own length
+        # warning would only report the (expected) long texts before they are chunked.
+        tokenizer.model_max_length = int(1e30)
 
     @property
     def device(self) -> torch.device:
@@ -251,7 +257,7 @@ class LanguageModel:
         max_length: int | None = None,
         batch_size: int = 256,
         parameters: dict[str, torch.Tensor] | None = None,
-        progress: Callable[[int], None] | None = None,
+        show_progress: bool = False,
     ) -> torch.Tensor:
         """Features (N, H) of N texts given as segments, on this model's device.
 
@@ -261,7 +267,9 @@ class LanguageModel:
         window = min(max_length or self.window, self.window)
         joined = [separator.join(s) for s in segments]
         unique: dict[str, int] = {}
-        inverse = np.fromiter((unique.setdefault(t, len(unique)) for t in joined), np.int64, len(joined))
+        inverse = np.fromiter(
+            (unique.setdefault(t, len(unique)) for t in joined), np.int64, len(joined)
+        )
         firsts = np.unique(inverse, return_index=True)[1]
         chunks = tokenize_texts(self.tokenizer, [segments[i] for i in firsts], separator, window)
         pool = POOLINGS[pooling]
@@ -272,12 +280,15 @@ class LanguageModel:
         needs_grad = bool(parameters) and torch.is_grad_enabled()
         with torch.set_grad_enabled(needs_grad):
             parts = []
+            bar = tqdm(
+                total=len(chunks.ids), desc="LM forward", unit="chunk", disable=not show_progress
+            )
             for positions, input_ids, mask in length_buckets(chunks.ids, batch_size, pad_id):
                 hidden = self._hidden(input_ids.to(device), mask.to(device), parameters)
                 vectors, w = pool(hidden, mask.to(device))
                 parts.append((torch.as_tensor(positions, device=device), vectors, w))
-                if progress is not None:
-                    progress(len(positions))
+                bar.update(len(positions))
+            bar.close()
             if needs_grad:  # keep the graph: assemble without in-place writes
                 positions = torch.cat([p for p, _, _ in parts])
                 order = torch.argsort(positions)
@@ -311,7 +322,7 @@ def _weights_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _canonical(name: str) -> str:
     path = resolve_model_path(name)
     return str(Path(path).resolve()) if Path(path).exists() else path
@@ -344,8 +355,14 @@ def language_model(
         return _BODIES[key]
 
 
+def clear_loaded_models() -> None:
+    """Forget every loaded body (frees memory; the next use loads from disk again)."""
+    with _LOCK:
+        _BODIES.clear()
+    _canonical.cache_clear()
+
+
 def loaded_bodies() -> list[LanguageModel]:
     """Every body in memory (for tests and diagnostics)."""
     with _LOCK:
         return list(_BODIES.values())
-

@@ -12,7 +12,7 @@ import functools
 import hashlib
 import json
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -48,7 +48,9 @@ def _check_template(template: str, allowed: set[str], required: set[str]) -> str
         )
     missing = required - names
     if missing:
-        raise ValueError(f"template {template!r} must contain {sorted('{' + m + '}' for m in missing)}")
+        raise ValueError(
+            f"template {template!r} must contain {sorted('{' + m + '}' for m in missing)}"
+        )
     return template
 
 
@@ -81,8 +83,8 @@ class DimensionSchema(_Strict):
     @field_validator("template")
     @classmethod
     def _template(cls, value: str | None) -> str | None:
-        return None if value is None else _check_template(
-            value, {"label", "value", "unit"}, {"value"}
+        return (
+            None if value is None else _check_template(value, {"label", "value", "unit"}, {"value"})
         )
 
 
@@ -148,27 +150,31 @@ class StateDescription:
 
     def _dimension_format(self, index: int, template: str) -> str:
         dim = self.schema.dimensions[index]
-        return template.format(label=_escape(dim.label), unit=_escape(dim.unit), value="{}").rstrip()
+        return template.format(
+            label=_escape(dim.label), unit=_escape(dim.unit), value="{}"
+        ).rstrip()
+
+    def _group_of_dimension(self) -> dict[int, int]:
+        """Dimension index -> index of the group holding it (each dimension in at most one)."""
+        owner: dict[int, int] = {}
+        items = self.schema.groups.items if self.schema.groups else []
+        for g, group in enumerate(items):
+            field = f"groups.items[{g}].dimensions"
+            for dim in group.dimensions:
+                if not 0 <= dim < self.size:
+                    last = self.size - 1
+                    raise self._error(
+                        field, dim, f"out of range 0..{last} of {self.size} dimensions"
+                    )
+                if dim in owner:
+                    holder = items[owner[dim]].label
+                    raise self._error(field, dim, f"dimension {dim} is already in group {holder!r}")
+                owner[dim] = g
+        return owner
 
     def _plan_segments(self) -> list[tuple[str, list[int]]]:
         groups = self.schema.groups
-        owner: dict[int, int] = {}
-        if groups is not None:
-            for g, group in enumerate(groups.items):
-                for dim in group.dimensions:
-                    if not 0 <= dim < self.size:
-                        raise self._error(
-                            f"groups.items[{g}].dimensions",
-                            dim,
-                            f"out of range: the description has {self.size} dimensions (0..{self.size - 1})",
-                        )
-                    if dim in owner:
-                        raise self._error(
-                            f"groups.items[{g}].dimensions",
-                            dim,
-                            f"dimension {dim} is already in group {groups.items[owner[dim]].label!r}",
-                        )
-                    owner[dim] = g
+        owner = self._group_of_dimension()
         segments: list[tuple[int, str, list[int]]] = []
         for index, dim in enumerate(self.schema.dimensions):
             if index not in owner:
@@ -200,7 +206,9 @@ class StateDescription:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.schema.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+        return yaml.safe_dump(
+            self.schema.model_dump(mode="json", exclude_defaults=True), sort_keys=False
+        )
 
     def check_size(self, size: int) -> None:
         """Raise unless observations have exactly this description's number of dimensions."""
@@ -217,8 +225,9 @@ class StateDescription:
         """Validate a batch (N, D) and return its int64 codes; the text is a function of them."""
         observations = np.asarray(observations)
         if observations.ndim != 2:
+            expected = f"(N, {self.size})"
             raise ObservationError(
-                f"{self.source}: expected a batch of shape (N, {self.size}), got {observations.shape}"
+                f"{self.source}: expected a batch of shape {expected}, got {observations.shape}"
             )
         self.check_size(observations.shape[1])
         try:
@@ -231,8 +240,8 @@ class StateDescription:
                 row, col = np.argwhere(bad)[0]
                 raise ObservationError(
                     f"{self.source}: observation row {row}, dimension {col} "
-                    f"({self.labels[col]!r}) is {observations[row, col]!r}; this description "
-                    f"rejects NaN/inf (set format.nonfinite: token to write them as text)"
+                    f"({self.labels[col]!r}) is {float(observations[row, col])!r}; this "
+                    f"description rejects NaN/inf (set format.nonfinite: token to write them)"
                 )
         return codes
 
@@ -246,9 +255,7 @@ class StateDescription:
         columns = []
         for col in range(codes.shape[1]):
             decimals = int(self.decimals[col])
-            columns.append(
-                [special.get(c) or render(c, decimals) for c in codes[:, col].tolist()]
-            )
+            columns.append([special.get(c) or render(c, decimals) for c in codes[:, col].tolist()])
         return columns
 
     def texts_from_codes(self, codes: np.ndarray) -> list[str]:
@@ -288,7 +295,7 @@ def shipped_descriptions() -> dict[str, Path]:
     return {p.stem: p for p in sorted(_shipped_dir().glob("*.yaml"))}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _shipped_sizes() -> dict[str, int]:
     sizes = {}
     for name, path in shipped_descriptions().items():
@@ -363,4 +370,3 @@ def as_description_field(source: StateDescription | str | Path | Mapping[str, An
     if isinstance(source, str) and source in shipped_descriptions():
         return source
     return load_description(source).to_yaml()
-

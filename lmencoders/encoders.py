@@ -75,8 +75,8 @@ class TextFeatures(nn.Module):
                 for name, tensor in lm.named_tensors(tuning.trainable_names(lm.model)).items()
             }
         )
-        self._frozen = None if tuning.trains_lm else frozen_features(
-            model, description, pooling, max_length
+        self._frozen = (
+            None if tuning.trains_lm else frozen_features(model, description, pooling, max_length)
         )
 
     def raw_observations(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,6 +84,11 @@ class TextFeatures(nn.Module):
         if scaler is None:
             return x
         if not scaler.built:
+            # d3rlpy probes new encoders with random inputs (no grad) before ``fit`` fits the
+            # scaler; any real training step runs with grad, where a scaler that the algorithm
+            # never fitted (a different object) must be reported.
+            if not torch.is_grad_enabled():
+                return x
             raise RuntimeError(
                 "the observation_scaler given to LMEncoderFactory is not fitted: pass the same "
                 "scaler object to the algorithm config, which fits it before building encoders"
@@ -243,7 +248,9 @@ class LMEncoderFactory(EncoderFactory):
 
     def create(self, observation_shape: Sequence[int]) -> LMEncoder:
         features = self._features(observation_shape)
-        head = _mlp(self._head_input(features, observation_shape), self.hidden_units, self.activation)
+        head = _mlp(
+            self._head_input(features, observation_shape), self.hidden_units, self.activation
+        )
         return LMEncoder(features, head, self.concat_observation)
 
     def create_with_action(
@@ -280,4 +287,3 @@ def register() -> None:
     """Register the factory with d3rlpy once per process (a second registration raises)."""
     if LMEncoderFactory.get_type() not in CONFIG_STORAGE[EncoderFactory].config_list:
         register_encoder_factory(LMEncoderFactory)
-

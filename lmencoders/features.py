@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .backbone import DEFAULT_MODEL, Frozen, LanguageModel, language_model
 from .description import StateDescription, load_description
@@ -125,17 +124,14 @@ class FrozenFeatures:
             return out
 
     def _compute(self, codes, device, batch_size, show_progress) -> np.ndarray:
-        segments = self.description.segments_from_codes(codes)
-        bar = tqdm(total=len(segments), desc="LM features", unit="obs", disable=not show_progress)
-        with bar:
-            features = self.lm(device).encode(
-                segments,
-                self.description.separator,
-                pooling=self.pooling,
-                max_length=self.max_length,
-                batch_size=batch_size,
-                progress=bar.update,
-            )
+        features = self.lm(device).encode(
+            self.description.segments_from_codes(codes),
+            self.description.separator,
+            pooling=self.pooling,
+            max_length=self.max_length,
+            batch_size=batch_size,
+            show_progress=show_progress,
+        )
         return features.float().cpu().numpy()
 
 
@@ -153,6 +149,12 @@ def frozen_features(
         if key not in _REGISTRY:
             _REGISTRY[key] = FrozenFeatures(model, description, pooling, max_length)
         return _REGISTRY[key]
+
+
+def clear_feature_caches() -> None:
+    """Forget every cached feature table (e.g. after the LM files changed on disk)."""
+    with _REGISTRY_LOCK:
+        _REGISTRY.clear()
 
 
 def embed_observations(

@@ -32,7 +32,7 @@ def quantize(values: np.ndarray, decimals: np.ndarray) -> np.ndarray:
     if too_large.any():
         row, col = np.argwhere(too_large)[0]
         raise OverflowError(
-            f"value {values[row, col]!r} in column {col} is too large to write with "
+            f"value {float(values[row, col])!r} in column {col} is too large to write with "
             f"{int(decimals[col])} decimals"
         )
     codes = np.empty(values.shape, dtype=np.int64)

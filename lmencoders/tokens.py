@@ -32,7 +32,9 @@ def _pack_segments(
 ) -> list[str]:
     """Greedy packing of consecutive segments into chunk texts of at most ``budget`` tokens."""
     counts = [len(ids) for ids in tokenizer(list(segments), add_special_tokens=False)["input_ids"]]
-    sep_count = len(tokenizer(separator.strip() or separator, add_special_tokens=False)["input_ids"])
+    sep_count = len(
+        tokenizer(separator.strip() or separator, add_special_tokens=False)["input_ids"]
+    )
     chunks: list[list[str]] = []
     used = 0
     for segment, count in zip(segments, counts):

@@ -1,0 +1,94 @@
+"""Shared fixtures: a tiny BERT built from a config (no download) and real Hopper data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import d3rlpy
+import gymnasium as gym
+import numpy as np
+import pytest
+import tokenizers
+import torch
+import transformers
+from tokenizers import models, normalizers, pre_tokenizers, processors
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = ["position", "angle", "velocity", "angular", "thigh", "leg", "foot", "torso", "rad"]
+
+
+def make_tiny_lm(path: Path, seed: int = 0, window: int = 64) -> Path:
+    """Save a 2-layer BERT with a WordPiece tokenizer (characters + a few words) to ``path``."""
+    chars = list("0123456789.-:,/abcdefghijklmnopqrstuvwxyz")
+    vocab_list = (
+        SPECIAL + chars + ["##" + c for c in "0123456789abcdefghijklmnopqrstuvwxyz"] + WORDS
+    )
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(vocab_list))}
+    tok = tokenizers.Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=window,
+    )
+    fast.save_pretrained(path)
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=window,
+    )
+    transformers.BertModel(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> str:
+    return str(make_tiny_lm(tmp_path_factory.mktemp("lm") / "tiny-bert"))
+
+
+def hopper_rollouts(episodes: int = 4, steps: int = 30, seed: int = 0):
+    """Real Hopper-v5 (NeoRL layout) transitions under a uniform random policy."""
+    env = gym.make("Hopper-v5", exclude_current_positions_from_observation=False)
+    rng = np.random.default_rng(seed)
+    obs, actions, rewards, terminals, timeouts = [], [], [], [], []
+    for episode in range(episodes):
+        o, _ = env.reset(seed=seed + episode)
+        for t in range(steps):
+            a = rng.uniform(-1, 1, 3).astype(np.float32)
+            next_o, r, terminated, _, _ = env.step(a)
+            obs.append(o)
+            actions.append(a)
+            rewards.append(r)
+            terminals.append(terminated)
+            timeouts.append(t == steps - 1 and not terminated)
+            o = next_o
+            if terminated:
+                break
+    return (
+        np.asarray(obs, np.float32),
+        np.asarray(actions),
+        np.asarray(rewards, np.float32),
+        np.asarray(terminals),
+        np.asarray(timeouts),
+    )
+
+
+@pytest.fixture(scope="session")
+def hopper_dataset() -> d3rlpy.dataset.MDPDataset:
+    obs, actions, rewards, terminals, timeouts = hopper_rollouts()
+    return d3rlpy.dataset.MDPDataset(
+        obs, actions, rewards, terminals, timeouts, action_space=d3rlpy.ActionSpace.CONTINUOUS
+    )

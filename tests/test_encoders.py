@@ -1,0 +1,249 @@
+from __future__ import annotations
+
+import dataclasses
+import io
+import pickle
+
+import d3rlpy
+import numpy as np
+import pytest
+import torch
+
+import lmencoders
+from lmencoders import DescriptionError, LMEncoderFactory, ModelMismatchError
+from lmencoders.backbone import Frozen, clear_loaded_models, language_model, loaded_bodies
+from lmencoders.features import clear_feature_caches
+
+ALGORITHMS = {
+    "td3+bc": d3rlpy.algos.TD3PlusBCConfig,
+    "cql": d3rlpy.algos.CQLConfig,
+    "iql": d3rlpy.algos.IQLConfig,
+    "bcq": d3rlpy.algos.BCQConfig,
+    "plas": d3rlpy.algos.PLASConfig,
+    "bc": d3rlpy.algos.BCConfig,
+    "awac": d3rlpy.algos.AWACConfig,
+}
+TUNINGS = ["frozen", "ln_embed", "lora", "full"]
+
+
+def build(config_cls, factory: LMEncoderFactory, **kwargs):
+    """An algorithm whose every encoder (actor, critic, value, imitator) is the LM encoder."""
+    names = [f.name for f in dataclasses.fields(config_cls) if f.name.endswith("encoder_factory")]
+    config = config_cls(
+        **{n: factory for n in names},
+        observation_scaler=factory.observation_scaler,
+        batch_size=16,
+        **kwargs,
+    )
+    return config.create(device="cpu")
+
+
+def factory_for(tiny_lm: str, tuning: str = "frozen", **kwargs) -> LMEncoderFactory:
+    return LMEncoderFactory(
+        description="hopper",
+        model=tiny_lm,
+        tuning=tuning,
+        hidden_units=[32, 32],
+        observation_scaler=d3rlpy.preprocessing.StandardObservationScaler(),
+        **kwargs,
+    )
+
+
+def fit(algo, dataset, steps: int = 4) -> None:
+    algo.fit(
+        dataset,
+        n_steps=steps,
+        n_steps_per_epoch=steps,
+        show_progress=False,
+        save_interval=10**6,
+        logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
+    )
+
+
+def checkpoint_state(algo) -> dict[str, torch.Tensor]:
+    """Every tensor a saved ``.d3`` file holds, flattened to name -> tensor."""
+    raw = io.BytesIO()
+    algo.impl.save_model(raw)
+    raw.seek(0)
+    saved = torch.load(raw, weights_only=False)
+    flat = {}
+    for module_name, state in saved.items():
+        if isinstance(state, dict) and "state" not in state:  # modules, not optimizers
+            flat.update({f"{module_name}.{k}": v for k, v in state.items()})
+    return flat
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_every_continuous_algorithm_trains_with_lm_encoders(name, tiny_lm, hopper_dataset):
+    algo = build(ALGORITHMS[name], factory_for(tiny_lm))
+    fit(algo, hopper_dataset)
+    obs = hopper_dataset.episodes[0].observations[:5]
+    actions = algo.predict(obs)
+    assert actions.shape == (5, 3) and np.isfinite(actions).all()
+
+
+def test_frozen_lm_is_bitwise_unchanged_and_stored_once(tiny_lm, hopper_dataset):
+    lm = language_model(tiny_lm)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    algo = build(ALGORITHMS["td3+bc"], factory_for(tiny_lm))
+    fit(algo, hopper_dataset, steps=20)  # 20 soft syncs of every target network
+    after = lm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # No encoder registers an LM tensor: the body is not in any optimiser or checkpoint.
+    lm_storage = {p.data_ptr() for p in lm.model.parameters()}
+    algo_params = [
+        p for m in algo.impl.modules.get_torch_modules().values() for p in m.parameters()
+    ]
+    assert not lm_storage & {p.data_ptr() for p in algo_params}
+    # One body per (model, variant, device) however many encoders were built (TD3+BC: 6).
+    plain = [b for b in loaded_bodies() if b.path == lm.path and b.model is lm.model]
+    assert len(plain) == 1
+
+
+@pytest.mark.parametrize("tuning", TUNINGS)
+def test_checkpoint_holds_only_trained_tensors_and_the_lm_identity(tuning, tiny_lm, hopper_dataset):
+    algo = build(ALGORITHMS["td3+bc"], factory_for(tiny_lm, tuning))
+    fit(algo, hopper_dataset)
+    state = checkpoint_state(algo)
+    lm = language_model(tiny_lm)
+    hashes = [v for k, v in state.items() if k.endswith("lm_weights_sha256")]
+    assert len(hashes) == 6 and all(bytes(h.tolist()).hex() == lm.weights_sha256 for h in hashes)
+    lm_keys = {k.split("lm_parameters.")[1] for k in state if "lm_parameters." in k}
+    trainable = {
+        n.replace(".", "__")
+        for n in factory_for(tiny_lm, tuning)
+        .tuning_mode()
+        .trainable_names(language_model(tiny_lm, factory_for(tiny_lm, tuning).tuning_mode()).model)
+    }
+    assert lm_keys == trainable
+    if tuning == "frozen":
+        assert not lm_keys
+    if tuning == "ln_embed":
+        assert lm_keys and all("LayerNorm" in k or "word_embeddings" in k for k in lm_keys)
+    if tuning == "lora":
+        assert lm_keys and all("lora_" in k for k in lm_keys)
+
+
+@pytest.mark.parametrize("tuning", TUNINGS)
+def test_save_load_learnable_gives_identical_predictions(tuning, tiny_lm, hopper_dataset, tmp_path):
+    algo = build(ALGORITHMS["td3+bc"], factory_for(tiny_lm, tuning))
+    fit(algo, hopper_dataset)
+    path = tmp_path / "model.d3"
+    algo.save(str(path))
+    loaded = d3rlpy.load_learnable(str(path))
+    obs = np.concatenate([ep.observations for ep in hopper_dataset.episodes])[:20]
+    obs = np.concatenate([obs, obs[:3] + 0.123])  # also observations the cache has not seen
+    assert np.array_equal(algo.predict(obs), loaded.predict(obs))
+    actions = algo.predict(obs)
+    assert np.array_equal(algo.predict_value(obs, actions), loaded.predict_value(obs, actions))
+
+
+def test_tuned_modes_train_their_tensors_and_never_touch_the_shared_body(tiny_lm, hopper_dataset):
+    factory = factory_for(tiny_lm, "ln_embed")
+    lm = language_model(tiny_lm, factory.tuning_mode())
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    algo = build(ALGORITHMS["td3+bc"], factory)
+    algo.build_with_dataset(hopper_dataset)
+    policy_features = algo.impl.modules.policy._encoder.features
+    initial = {k: v.detach().clone() for k, v in policy_features.lm_parameters.items()}
+    fit(algo, hopper_dataset, steps=6)
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    changed = [
+        k for k, v in policy_features.lm_parameters.items() if not torch.equal(v, initial[k])
+    ]
+    assert any("LayerNorm" in k for k in changed) and any("word_embeddings" in k for k in changed)
+
+
+@pytest.mark.parametrize("tuning", ["frozen", "ln_embed"])
+def test_lm_stays_in_eval_mode_during_updates(tuning, tiny_lm, hopper_dataset):
+    factory = factory_for(tiny_lm, tuning)
+    lm = language_model(tiny_lm, factory.tuning_mode())
+    modes: list[bool] = []
+    handle = lm.model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    try:
+        algo = build(ALGORITHMS["td3+bc"], factory)
+        fit(algo, hopper_dataset)
+        fit(algo, hopper_dataset)  # a second fit sees new batches (frozen: cache misses)
+    finally:
+        handle.remove()
+    assert modes and not any(modes)
+
+
+def test_frozen_encoders_look_precomputed_features_up(tiny_lm, hopper_dataset, monkeypatch):
+    factory = factory_for(tiny_lm, max_length=48)
+    factory.precompute(hopper_dataset, show_progress=False)
+    texts: list[str] = []
+    lm_class = type(language_model(tiny_lm))
+    original = lm_class.encode
+
+    def recording(self, segments, separator, *args, **kwargs):
+        texts.extend(separator.join(s) for s in segments)
+        return original(self, segments, separator, *args, **kwargs)
+
+    monkeypatch.setattr(lm_class, "encode", recording)
+    algo = build(ALGORITHMS["td3+bc"], factory)
+    fit(algo, hopper_dataset, steps=10)
+    # The LM only sees d3rlpy's output-size probes (2 random rows per encoder) and the zero
+    # next-observation of terminal steps; every dataset observation is a table hit.
+    observations = np.concatenate([ep.observations for ep in hopper_dataset.episodes])
+    assert not set(texts) & set(factory.load_description().format(observations))
+    assert len(texts) < 20
+
+
+def test_scaled_inputs_are_turned_back_into_raw_values_for_the_text(tiny_lm, hopper_dataset):
+    factory = factory_for(tiny_lm)
+    algo = build(ALGORITHMS["bc"], factory)
+    fit(algo, hopper_dataset, steps=1)
+    obs = hopper_dataset.episodes[0].observations[:4]
+    features = algo.impl.modules.imitator._encoder.features
+    scaled = factory.observation_scaler.transform(torch.as_tensor(obs))
+    assert torch.allclose(features.raw_observations(scaled), torch.as_tensor(obs), atol=1e-5)
+
+
+def test_loading_with_other_lm_weights_is_refused(tmp_path, hopper_dataset):
+    from conftest import make_tiny_lm
+
+    path = make_tiny_lm(tmp_path / "lm", seed=0)
+    algo = build(ALGORITHMS["bc"], factory_for(str(path)))
+    fit(algo, hopper_dataset, steps=1)
+    algo.save(str(tmp_path / "model.d3"))
+    make_tiny_lm(path, seed=1)  # same name, other weights
+    clear_loaded_models()
+    clear_feature_caches()
+    with pytest.raises(ModelMismatchError, match="sha256"):
+        d3rlpy.load_learnable(str(tmp_path / "model.d3"))
+
+
+def test_wrong_observation_size_is_an_error(tiny_lm):
+    factory = LMEncoderFactory(description="hopper-v5", model=tiny_lm)
+    with pytest.raises(DescriptionError, match="11 dimensions.*observations have 12"):
+        factory.create((12,))
+
+
+def test_factory_is_json_config_and_path_descriptions_are_stored_inline(tiny_lm, tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\ndimensions:\n" + "".join(f"  - label: d{i}\n" for i in range(3)))
+    factory = LMEncoderFactory(description=str(path), model=tiny_lm, tuning="lora")
+    assert factory.description.startswith("name: mine")
+    data = factory.serialize_to_dict()
+    assert pickle.loads(pickle.dumps(data)) == data
+    again = LMEncoderFactory.deserialize_from_dict(data)
+    assert again == factory
+    with pytest.raises(ValueError, match="unknown tuning mode 'lorra'"):
+        LMEncoderFactory(description="hopper", tuning="lorra")
+
+
+def test_shared_q_function_encoders_work(tiny_lm, hopper_dataset):
+    algo = build(
+        ALGORITHMS["td3+bc"],
+        factory_for(tiny_lm, "ln_embed"),
+        q_func_factory=d3rlpy.models.MeanQFunctionFactory(share_encoder=True),
+    )
+    fit(algo, hopper_dataset, steps=2)
+
+
+def test_bodies_are_shared_across_tuning_modes(tiny_lm):
+    for tuning in ["frozen", "ln_embed", "full"]:
+        factory_for(tiny_lm, tuning).create((12,))
+    assert language_model(tiny_lm, Frozen()) is language_model(tiny_lm)
+    assert lmencoders.LMEncoderFactory.get_type() == "lm"

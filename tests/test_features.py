@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lmencoders
+from lmencoders import features as features_module
+from lmencoders.backbone import LanguageModel
+from lmencoders.features import FeatureTable
+
+
+def test_table_finds_exactly_what_was_inserted():
+    rng = np.random.default_rng(0)
+    keys = rng.integers(-(10**6), 10**6, size=(500, 12))
+    values = rng.standard_normal((500, 4)).astype(np.float32)
+    table = FeatureTable(12, 4)
+    table.insert(keys[:300], values[:300])
+    found, pos = table.lookup(keys)
+    assert found[:300].all() and not found[300:].any()
+    assert np.array_equal(table.gather(pos[:300]), values[:300])
+
+
+def test_table_never_confuses_rows_whose_hashes_collide(monkeypatch):
+    monkeypatch.setattr(
+        features_module, "row_hashes", lambda codes: np.zeros(len(codes), np.uint64)
+    )
+    table = FeatureTable(3, 1)
+    table.insert(np.array([[1, 2, 3]]), np.array([[7.0]], np.float32))
+    found, pos = table.lookup(np.array([[1, 2, 3], [3, 2, 1]]))
+    assert found.tolist() == [True, False]
+    assert table.gather(pos[:1]).tolist() == [[7.0]]
+
+
+def test_table_respects_its_row_limit():
+    table = FeatureTable(2, 1, max_rows=3)
+    table.insert(np.arange(10).reshape(5, 2), np.zeros((5, 1), np.float32))
+    assert len(table) == 3
+
+
+@pytest.fixture
+def count_lm_texts(monkeypatch):
+    seen: list[int] = []
+    original = LanguageModel.encode
+
+    def counting(self, segments, *args, **kwargs):
+        seen.append(len(segments))
+        return original(self, segments, *args, **kwargs)
+
+    monkeypatch.setattr(LanguageModel, "encode", counting)
+    return seen
+
+
+def test_embed_observations_runs_the_lm_once_per_distinct_observation(tiny_lm, count_lm_texts):
+    obs = np.random.default_rng(1).standard_normal((40, 12))
+    batch = np.concatenate([obs, obs[:10]])
+    first = lmencoders.embed_observations(batch, "hopper", model=tiny_lm, show_progress=False)
+    assert count_lm_texts == [40]
+    again = lmencoders.embed_observations(obs[::-1], "hopper", model=tiny_lm, show_progress=False)
+    assert count_lm_texts == [40]
+    assert np.array_equal(again, first[:40][::-1])
+    assert np.array_equal(first[40:], first[:10])
+
+
+def test_cached_features_equal_freshly_computed_ones(tiny_lm):
+    from lmencoders.backbone import language_model
+
+    obs = np.random.default_rng(2).standard_normal((16, 11))
+    cached = lmencoders.embed_observations(obs, "hopper-v5", model=tiny_lm, show_progress=False)
+    description = lmencoders.load_description("hopper-v5")
+    fresh = language_model(tiny_lm).encode(description.format_segments(obs), ", ")
+    assert np.allclose(cached, fresh.numpy(), atol=1e-6)
