@@ -287,7 +287,10 @@ class StateDescription:
 
 
 def _shipped_dir() -> Path:
-    return Path(str(resources.files("lmencoders.descriptions")))
+    try:  # installed: the top-level descriptions/ folder ships as lmencoders.descriptions
+        return Path(str(resources.files("lmencoders.descriptions")))
+    except ModuleNotFoundError:  # imported straight from a source checkout
+        return Path(__file__).resolve().parent.parent / "descriptions"
 
 
 def shipped_descriptions() -> dict[str, Path]:

@@ -13,6 +13,20 @@ import torch
 import transformers
 from tokenizers import models, normalizers, pre_tokenizers, processors
 
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the slow end-to-end tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow end-to-end test: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = ["position", "angle", "velocity", "angular", "thigh", "leg", "foot", "torso", "rad"]
 
@@ -92,3 +106,18 @@ def hopper_dataset() -> d3rlpy.dataset.MDPDataset:
     return d3rlpy.dataset.MDPDataset(
         obs, actions, rewards, terminals, timeouts, action_space=d3rlpy.ActionSpace.CONTINUOUS
     )
+
+
+def straightforward_features(path: str, texts: list[str], pooling: str = "mean") -> torch.Tensor:
+    """Plain Hugging Face: one batch padded to the longest, unsorted, mean over the mask."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return (hidden * mask).sum(1) / mask.sum(1)

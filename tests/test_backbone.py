@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import transformers
+from conftest import straightforward_features
 
 from lmencoders import ModelNotFoundError, TextTooLongError, load_description
 from lmencoders.backbone import language_model
@@ -14,21 +14,6 @@ TEXTS = [
     ["x position: 0.1 m", "z position: 1.25 m"],  # duplicate of the first
     ["foot angular velocity: 3.14159 rad/s", "leg angle: 0.5 rad", "torso angle: -1.0 rad"],
 ]
-
-
-def straightforward_features(path: str, texts: list[str], pooling: str = "mean") -> torch.Tensor:
-    """Plain Hugging Face: one batch padded to the longest, unsorted, mean over the mask."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path).eval()
-    batch = tokenizer(texts, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        hidden = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).last_hidden_state
-    if pooling == "cls":
-        return hidden[:, 0]
-    mask = batch["attention_mask"].unsqueeze(-1).float()
-    return (hidden * mask).sum(1) / mask.sum(1)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])

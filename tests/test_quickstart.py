@@ -1,0 +1,37 @@
+"""The README's main job, end to end (slow: real MiniLM, real MuJoCo)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+
+
+@pytest.mark.slow
+def test_quickstart_trains_saves_reloads_and_evaluates(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLE),
+            "--episodes",
+            "5",
+            "--steps",
+            "50",
+            "--eval-episodes",
+            "1",
+            "--out",
+            str(tmp_path / "q.d3"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"evaluated return of the reloaded policy .*: -?\d+\.\d", result.stdout)
+    assert (tmp_path / "q.d3").stat().st_size < 10_000_000  # an LM copy alone is 87 MB
