@@ -76,11 +76,12 @@ def main() -> None:
     factory = lmencoders.LMEncoderFactory(
         description="hopper", tuning=args.tuning, observation_scaler=scaler
     )
-    print("example text:", factory.load_description().format(dataset.episodes[0].observations[:1])[0])
+    first_text = factory.load_description().format(dataset.episodes[0].observations[:1])[0]
+    print("example text:", first_text)
     if args.tuning == "frozen":
-        start = time.perf_counter()
-        factory.precompute(dataset)
-        print(f"precomputed LM features in {time.perf_counter() - start:.1f} s")
+        report = factory.precompute(dataset)
+        print(f"LM features of {report.unique} distinct observations: {report.source} "
+              f"in {report.seconds:.1f} s ({report.path})")
 
     algo = d3rlpy.algos.TD3PlusBCConfig(
         actor_encoder_factory=factory,

@@ -278,7 +278,7 @@ class LanguageModel:
         weights = torch.empty(len(chunks.ids), device=device)
         pad_id = self.tokenizer.pad_token_id or 0
         needs_grad = bool(parameters) and torch.is_grad_enabled()
-        with torch.set_grad_enabled(needs_grad):
+        with torch.set_grad_enabled(needs_grad) if needs_grad else torch.inference_mode():
             parts = []
             bar = tqdm(
                 total=len(chunks.ids), desc="LM forward", unit="chunk", disable=not show_progress

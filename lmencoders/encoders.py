@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
 
 import d3rlpy
 import numpy as np
@@ -28,9 +30,10 @@ from d3rlpy.serializable_config import CONFIG_STORAGE
 from torch import nn
 
 from .backbone import DEFAULT_MODEL, POOLINGS, TuningMode, language_model, make_tuning
+from .cache import default_cache_dir
 from .description import StateDescription, as_description_field, load_description
 from .errors import ModelMismatchError
-from .features import frozen_features
+from .features import PrecomputeReport, frozen_features, precompute_features
 
 __all__ = ["LMEncoderFactory", "LMEncoder", "LMEncoderWithAction", "TextFeatures"]
 
@@ -264,21 +267,31 @@ class LMEncoderFactory(EncoderFactory):
         )
 
     def precompute(
-        self, observations: np.ndarray | d3rlpy.dataset.ReplayBufferBase, show_progress: bool = True
-    ) -> np.ndarray:
+        self,
+        observations: np.ndarray | d3rlpy.dataset.ReplayBufferBase,
+        cache_dir: str | Path | Literal[False] | None = None,
+        device: str = "cpu",
+        show_progress: bool = True,
+    ) -> PrecomputeReport:
         """Compute the frozen LM features of raw observations (or of every observation of a
-        d3rlpy dataset) now, so that training looks them up instead of running the LM."""
-        from .features import embed_observations
+        d3rlpy dataset) once, so that training looks them up instead of running the LM.
 
+        Features are kept on disk in ``cache_dir`` (default ``$LMENCODERS_CACHE`` or
+        ``~/.cache/lmencoders``; ``False`` keeps them in memory only).
+        """
+        if self.tuning != "frozen":
+            raise ValueError(f"precompute needs tuning='frozen'; {self.tuning!r} trains the LM")
         if isinstance(observations, d3rlpy.dataset.ReplayBufferBase):
             observations = np.concatenate([ep.observations for ep in observations.episodes])
-        return embed_observations(
+        return precompute_features(
             observations,
             self.load_description(),
             model=self.model,
-            batch_size=self.batch_size,
             pooling=self.pooling,
             max_length=self.max_length,
+            batch_size=self.batch_size,
+            device=device,
+            cache_dir=None if cache_dir is False else (cache_dir or default_cache_dir()),
             show_progress=show_progress,
         )
 

@@ -8,7 +8,9 @@ through the LM once per process, whichever encoder (actor, critic, target) asks 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,9 +19,17 @@ import numpy as np
 import torch
 
 from .backbone import DEFAULT_MODEL, Frozen, LanguageModel, language_model
+from .cache import CacheKey, dataset_sha256, load_features, save_features
 from .description import StateDescription, load_description
 
-__all__ = ["FeatureTable", "FrozenFeatures", "frozen_features", "embed_observations"]
+__all__ = [
+    "FeatureTable",
+    "FrozenFeatures",
+    "frozen_features",
+    "embed_observations",
+    "precompute_features",
+    "PrecomputeReport",
+]
 
 _MIX = np.random.default_rng(0x5EED).integers(1, 2**63, size=4096, dtype=np.uint64) | np.uint64(1)
 
@@ -112,7 +122,7 @@ class FrozenFeatures:
             if not found.all():
                 missing = codes[~found]
                 unique_missing = np.unique(missing, axis=0)
-                feats = self._compute(unique_missing, device, batch_size, show_progress)
+                feats = self.compute(unique_missing, device, batch_size, show_progress)
                 self.table.insert(unique_missing, feats)
                 found, pos = self.table.lookup(codes)
             if found.all():
@@ -120,10 +130,13 @@ class FrozenFeatures:
             # The table is full: compute what it could not keep.
             out = np.empty((len(codes), self.hidden_size), dtype=np.float32)
             out[found] = self.table.gather(pos[found])
-            out[~found] = self._compute(codes[~found], device, batch_size, False)
+            out[~found] = self.compute(codes[~found], device, batch_size, False)
             return out
 
-    def _compute(self, codes, device, batch_size, show_progress) -> np.ndarray:
+    def compute(
+        self, codes: np.ndarray, device: torch.device | str, batch_size: int, show_progress: bool
+    ) -> np.ndarray:
+        """Run the LM on quantised rows (no cache involved)."""
         features = self.lm(device).encode(
             self.description.segments_from_codes(codes),
             self.description.separator,
@@ -174,3 +187,91 @@ def embed_observations(
     """
     cache = frozen_features(model, load_description(description), pooling, max_length)
     return cache(np.asarray(observations), device, batch_size, show_progress).copy()
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecomputeReport:
+    observations: int
+    unique: int
+    source: str  # "disk" (valid cache file) or "computed"
+    path: Path | None
+    seconds: float
+
+
+def _distributed() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _distributed()[1] > 1:
+        torch.distributed.barrier()
+
+
+def precompute_features(
+    observations: np.ndarray,
+    description: StateDescription | str | Path | Mapping[str, Any],
+    model: str = DEFAULT_MODEL,
+    pooling: str = "mean",
+    max_length: int | None = None,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    cache_dir: str | Path | None = None,
+    show_progress: bool = True,
+) -> PrecomputeReport:
+    """Fill the in-memory table with the features of every distinct observation.
+
+    With ``cache_dir`` the features are read from (or written to) one file there, keyed by LM
+    weights, description, pooling, window and dataset content. Under ``torch.distributed``
+    each process encodes every ``world_size``-th distinct row, writes a shard, and rank 0
+    merges the shards into the one cache file that every process then loads (``cache_dir`` is
+    required then and must be shared by the processes).
+    """
+    start = time.perf_counter()
+    description = load_description(description)
+    table = frozen_features(model, description, pooling, max_length)
+    codes = description.quantize(np.asarray(observations))
+    unique = np.unique(codes, axis=0)
+    rank, world = _distributed()
+    path = None
+    if cache_dir is not None:
+        key = CacheKey(
+            table.lm().weights_sha256,
+            description.fingerprint,
+            pooling,
+            max_length,
+            dataset_sha256(unique),
+        )
+        path = Path(cache_dir) / key.filename()
+        cached = load_features(path, key)
+        if cached is not None:
+            table.table.insert(*cached)
+            return PrecomputeReport(
+                len(codes), len(unique), "disk", path, time.perf_counter() - start
+            )
+    elif world > 1:
+        raise ValueError("sharded precompute needs a cache_dir shared by all processes")
+    shard = unique[rank::world]
+    features = table.compute(shard, device, batch_size, show_progress and rank == 0)
+    if world > 1:
+        shard_path = path.with_name(f"{path.name}.shard{rank}-of-{world}.npz")
+        save_features(shard_path, key, shard, features)
+        _barrier()
+        if rank == 0:
+            shards = [
+                np.load(path.with_name(f"{path.name}.shard{r}-of-{world}.npz"))
+                for r in range(world)
+            ]
+            merged_codes = np.concatenate([s["codes"] for s in shards])
+            merged = np.concatenate([s["features"] for s in shards])
+            save_features(path, key, merged_codes, merged)
+            for r in range(world):
+                path.with_name(f"{path.name}.shard{r}-of-{world}.npz").unlink()
+        _barrier()
+        shard, features = load_features(path, key)
+    elif path is not None:
+        save_features(path, key, shard, features)
+    table.table.insert(shard, features)
+    return PrecomputeReport(len(codes), len(unique), "computed", path, time.perf_counter() - start)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import d3rlpy
@@ -25,6 +26,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def feature_cache_dir(tmp_path_factory):
+    """Keep the tests' feature caches out of the user's ~/.cache."""
+    path = tmp_path_factory.mktemp("feature-cache")
+    previous = os.environ.get("LMENCODERS_CACHE")
+    os.environ["LMENCODERS_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        del os.environ["LMENCODERS_CACHE"]
+    else:
+        os.environ["LMENCODERS_CACHE"] = previous
 
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -1,0 +1,115 @@
+"""Frozen LM features on disk, keyed by everything that decides them.
+
+A cache file holds the quantised observation rows of a dataset and their features. Its name and
+its stored metadata carry the LM weights sha256, the description fingerprint, the pooling, the
+token window and the sha256 of the dataset's (unique, quantised) rows; a checksum covers the
+arrays. A file whose metadata differ (stale) or whose checksum fails (corrupt) is reported and
+rebuilt, never used. Files are written to a temporary name and renamed, so an interrupted write
+never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["CacheKey", "default_cache_dir", "save_features", "load_features", "dataset_sha256"]
+
+
+def default_cache_dir() -> Path:
+    """``$LMENCODERS_CACHE`` or ``~/.cache/lmencoders``."""
+    root = os.environ.get("LMENCODERS_CACHE") or Path.home() / ".cache" / "lmencoders"
+    return Path(root)
+
+
+def dataset_sha256(unique_codes: np.ndarray) -> str:
+    """Content hash of a dataset: its sorted unique quantised rows (order and copies ignored)."""
+    digest = hashlib.sha256(str(unique_codes.shape).encode())
+    digest.update(np.ascontiguousarray(unique_codes).tobytes())
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheKey:
+    lm_sha256: str
+    description_sha256: str
+    pooling: str
+    max_length: int | None
+    data_sha256: str
+
+    def filename(self) -> str:
+        window = self.max_length or "auto"
+        return (
+            f"features-lm{self.lm_sha256[:12]}-desc{self.description_sha256[:12]}-"
+            f"{self.pooling}-{window}-data{self.data_sha256[:16]}.npz"
+        )
+
+
+def _checksum(codes: np.ndarray, features: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for array in (codes, features):
+        digest.update(str((array.dtype.str, array.shape)).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def save_features(path: Path, key: CacheKey, codes: np.ndarray, features: np.ndarray) -> Path:
+    """Write atomically: a temporary file in the same folder, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = json.dumps(dataclasses.asdict(key), sort_keys=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(
+                f,
+                codes=codes,
+                features=features,
+                meta=np.array(meta),
+                checksum=np.array(_checksum(codes, features)),
+            )
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_features(path: Path, key: CacheKey) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached (codes, features), or ``None`` with a warning if missing, stale or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            codes, features = data["codes"], data["features"]
+            checksum = str(data["checksum"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        warnings.warn(f"feature cache {path} is unreadable ({exc}); rebuilding it", stacklevel=2)
+        return None
+    if meta != dataclasses.asdict(key):
+        changed = sorted(
+            k
+            for k in meta.keys() | dataclasses.asdict(key).keys()
+            if meta.get(k) != dataclasses.asdict(key).get(k)
+        )
+        warnings.warn(
+            f"feature cache {path} is stale ({', '.join(changed)} differ); rebuilding it",
+            stacklevel=2,
+        )
+        return None
+    if _checksum(codes, features) != checksum:
+        warnings.warn(
+            f"feature cache {path} is corrupt (checksum mismatch); rebuilding it", stacklevel=2
+        )
+        return None
+    return codes, features
