@@ -14,8 +14,9 @@ from .errors import (
     ModelNotFoundError,
     ObservationError,
     TextTooLongError,
+    UnreachableTokenError,
 )
-from .features import embed_observations
+from .features import embed_observations, precompute_features
 
 register()
 
@@ -35,4 +36,6 @@ __all__ = [
     "TextTooLongError",
     "ModelNotFoundError",
     "ModelMismatchError",
+    "UnreachableTokenError",
+    "precompute_features",
 ]

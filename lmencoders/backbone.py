@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import ModelNotFoundError
+from .errors import ModelNotFoundError, UnreachableTokenError
 from .tokens import length_buckets, tokenize_texts
 
 __all__ = [
@@ -49,6 +49,9 @@ class TuningMode:
     """Which LM tensors an encoder trains. The rest stays in the shared frozen body."""
 
     name: ClassVar[str] = "frozen"
+    # Train only the input-embedding rows the description's texts can reach: rows never
+    # looked up get no gradient, so this equals training the whole matrix.
+    sparse_embeddings: ClassVar[bool] = False
 
     @property
     def body_variant(self) -> str:
@@ -79,6 +82,7 @@ class LayerNormEmbeddings(TuningMode):
     """The paper's LM-Finetune: input (word) embeddings and every LayerNorm train."""
 
     name: ClassVar[str] = "ln_embed"
+    sparse_embeddings: ClassVar[bool] = True
 
     def trainable_names(self, model: nn.Module) -> list[str]:
         embeddings = model.get_input_embeddings()
@@ -237,6 +241,11 @@ class LanguageModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @functools.cached_property
+    def input_embedding_name(self) -> str:
+        weight = self.model.get_input_embeddings().weight
+        return next(n for n, p in self.model.named_parameters() if p is weight)
+
     def named_tensors(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         params = dict(self.model.named_parameters())
         return {n: params[n] for n in names}
@@ -258,11 +267,14 @@ class LanguageModel:
         batch_size: int = 256,
         parameters: dict[str, torch.Tensor] | None = None,
         show_progress: bool = False,
+        vocabulary: np.ndarray | None = None,
     ) -> torch.Tensor:
         """Features (N, H) of N texts given as segments, on this model's device.
 
         Identical texts are encoded once; long texts are chunked and pooled back.
         Runs without autograd unless trainable ``parameters`` are given and grad is enabled.
+        With ``vocabulary`` (sorted token ids), a token outside it raises
+        :class:`UnreachableTokenError` instead of silently using an untrained row.
         """
         window = min(max_length or self.window, self.window)
         joined = [separator.join(s) for s in segments]
@@ -272,6 +284,8 @@ class LanguageModel:
         )
         firsts = np.unique(inverse, return_index=True)[1]
         chunks = tokenize_texts(self.tokenizer, [segments[i] for i in firsts], separator, window)
+        if vocabulary is not None:
+            self._check_vocabulary(chunks.ids, vocabulary)
         pool = POOLINGS[pooling]
         device = self.device
         pooled = torch.empty(len(chunks.ids), self.hidden_size, device=device)
@@ -304,6 +318,16 @@ class LanguageModel:
                 0, owner, pooled * weights.unsqueeze(-1)
             ) / total.unsqueeze(-1)
         return merged[torch.as_tensor(inverse, device=device)]
+
+    def _check_vocabulary(self, ids: Sequence[Sequence[int]], vocabulary: np.ndarray) -> None:
+        flat = np.fromiter((i for chunk in ids for i in chunk), dtype=np.int64)
+        outside = np.unique(flat[~np.isin(flat, vocabulary)])
+        if len(outside):
+            tokens = self.tokenizer.convert_ids_to_tokens(outside[:10].tolist())
+            raise UnreachableTokenError(
+                f"tokens {tokens} are not among the trainable embedding rows computed from the "
+                f"description; please report this with the description and the observation"
+            )
 
 
 # --------------------------------------------------------------------------- registry

@@ -279,6 +279,19 @@ class StateDescription:
         """Like :meth:`format` but keeps the pieces; ``separator.join`` gives the text."""
         return self.segments_from_codes(self.quantize(observations))
 
+    def sample_texts(self, rows: int = 256, seed: int = 0) -> list[str]:
+        """Texts of made-up observations over many magnitudes, plus the non-finite tokens:
+        what the description's words look like around numbers (for vocabulary coverage)."""
+        rng = np.random.default_rng(seed)
+        values = rng.standard_normal((rows, self.size)) * 10.0 ** rng.integers(-4, 5, (rows, 1))
+        values = np.concatenate([np.zeros((1, self.size)), values])
+        fmt = self.schema.format
+        return self.texts_from_codes(quantize(values, self.decimals)) + [
+            fmt.nan_token,
+            fmt.inf_token,
+            "-" + fmt.inf_token,
+        ]
+
     def __repr__(self) -> str:
         return f"StateDescription(name={self.name!r}, size={self.size}, source={self.source!r})"
 

@@ -29,11 +29,19 @@ from d3rlpy.preprocessing.observation_scalers import make_observation_scaler_fie
 from d3rlpy.serializable_config import CONFIG_STORAGE
 from torch import nn
 
-from .backbone import DEFAULT_MODEL, POOLINGS, TuningMode, language_model, make_tuning
+from .backbone import (
+    DEFAULT_MODEL,
+    POOLINGS,
+    LanguageModel,
+    TuningMode,
+    language_model,
+    make_tuning,
+)
 from .cache import default_cache_dir
 from .description import StateDescription, as_description_field, load_description
 from .errors import ModelMismatchError
 from .features import PrecomputeReport, frozen_features, precompute_features
+from .tokens import reachable_token_ids
 
 __all__ = ["LMEncoderFactory", "LMEncoder", "LMEncoderWithAction", "TextFeatures"]
 
@@ -72,15 +80,20 @@ class TextFeatures(nn.Module):
         digest = bytes.fromhex(lm.weights_sha256)
         self.register_buffer("lm_weights_sha256", torch.tensor(list(digest), dtype=torch.uint8))
         # Only the tensors this tuning mode trains, initialised from the shared body.
+        trained = lm.named_tensors(tuning.trainable_names(lm.model))
+        self._embedding_name: str | None = None
+        if tuning.sparse_embeddings and lm.input_embedding_name in trained:
+            self._embedding_name = lm.input_embedding_name
+            rows = torch.from_numpy(_reachable_rows(lm, description))
+            self.register_buffer("lm_embedding_rows", rows)
+            trained[self._embedding_name] = trained[self._embedding_name][rows]
         self.lm_parameters = nn.ParameterDict(
-            {
-                _mangle(name): nn.Parameter(tensor.detach().clone())
-                for name, tensor in lm.named_tensors(tuning.trainable_names(lm.model)).items()
-            }
+            {_mangle(n): nn.Parameter(t.detach().clone()) for n, t in trained.items()}
         )
         self._frozen = (
             None if tuning.trains_lm else frozen_features(model, description, pooling, max_length)
         )
+        self._memo: tuple[torch.Tensor, tuple, torch.Tensor] | None = None
 
     def raw_observations(self, x: torch.Tensor) -> torch.Tensor:
         scaler = self.observation_scaler
@@ -99,20 +112,49 @@ class TextFeatures(nn.Module):
         return scaler.reverse_transform(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raw = self.raw_observations(x).detach().cpu().numpy()
         if self._frozen is not None:
+            raw = self.raw_observations(x).detach().cpu().numpy()
             features = self._frozen(raw, x.device, self.batch_size)
             return torch.from_numpy(features).to(x.device)
+        # Critics that share one encoder see the same batch with the same LM state: run the
+        # LM once. The memo holds the input tensor itself (so its memory cannot be reused by
+        # another batch) and the versions of the trained tensors; backward clears it.
+        state = (
+            x._version,
+            torch.is_grad_enabled(),
+            tuple(p._version for p in self.lm_parameters.values()),
+        )
+        if self._memo is not None and self._memo[0] is x and self._memo[1] == state:
+            return self._memo[2]
+        features = self._tuned_features(x)
+        if features.requires_grad:
+            features.register_hook(self._forget)
+        self._memo = (x, state, features)
+        return features
+
+    def _forget(self, grad: torch.Tensor) -> None:
+        self._memo = None
+
+    def _tuned_features(self, x: torch.Tensor) -> torch.Tensor:
         lm = language_model(self.model_name, self.tuning, x.device)
-        segments = self.description.format_segments(raw)
         parameters = {_unmangle(k): v for k, v in self.lm_parameters.items()}
+        vocabulary = None
+        if self._embedding_name is not None:
+            rows = self.lm_embedding_rows
+            full = lm.named_tensors([self._embedding_name])[self._embedding_name]
+            parameters[self._embedding_name] = full.index_copy(
+                0, rows, parameters[self._embedding_name]
+            )
+            vocabulary = rows.cpu().numpy()
+        raw = self.raw_observations(x).detach().cpu().numpy()
         return lm.encode(
-            segments,
+            self.description.format_segments(raw),
             self.description.separator,
             pooling=self.pooling,
             max_length=self.max_length,
             batch_size=self.batch_size,
             parameters=parameters,
+            vocabulary=vocabulary,
         )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -124,6 +166,16 @@ class TextFeatures(nn.Module):
                 f"{bytes(self.lm_weights_sha256.tolist()).hex()}"
             )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+_REACHABLE: dict[tuple[str, str], np.ndarray] = {}
+
+
+def _reachable_rows(lm: LanguageModel, description: StateDescription) -> np.ndarray:
+    key = (lm.path, description.fingerprint)
+    if key not in _REACHABLE:
+        _REACHABLE[key] = reachable_token_ids(lm.tokenizer, description.sample_texts())
+    return _REACHABLE[key]
 
 
 def _mlp(in_size: int, hidden_units: Sequence[int], activation: str) -> nn.Sequential:

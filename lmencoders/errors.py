@@ -25,3 +25,7 @@ class ModelNotFoundError(LMEncodersError, OSError):
 
 class ModelMismatchError(LMEncodersError, RuntimeError):
     """A checkpoint was trained with other LM weights than the ones loaded now."""
+
+
+class UnreachableTokenError(LMEncodersError, RuntimeError):
+    """A text produced a token outside the embedding rows that ln_embed trains."""

@@ -97,3 +97,20 @@ def length_buckets(
             input_ids[row, :n] = torch.as_tensor(ids[pos], dtype=torch.long)
             mask[row, :n] = 1
         yield positions, input_ids, mask
+
+
+NUMBER_CHARACTERS = frozenset("0123456789.-")
+
+
+def reachable_token_ids(tokenizer, fixed_texts: Sequence[str]) -> np.ndarray:
+    """Sorted ids of every token that texts made of ``fixed_texts``' words and numbers can
+    produce: the special tokens, the tokens of ``fixed_texts`` (the description written out),
+    and every vocabulary entry made only of digits, '.' and '-' (subword markers stripped)."""
+    ids = set(tokenizer.all_special_ids)
+    for token_ids in tokenizer(list(fixed_texts), add_special_tokens=False)["input_ids"]:
+        ids.update(token_ids)
+    for token, index in tokenizer.get_vocab().items():
+        core = token.removeprefix("##").lstrip("\u0120\u2581")  # WordPiece, BPE, SentencePiece
+        if core and set(core) <= NUMBER_CHARACTERS:
+            ids.add(index)
+    return np.array(sorted(ids), dtype=np.int64)

@@ -247,3 +247,40 @@ def test_bodies_are_shared_across_tuning_modes(tiny_lm):
         factory_for(tiny_lm, tuning).create((12,))
     assert language_model(tiny_lm, Frozen()) is language_model(tiny_lm)
     assert lmencoders.LMEncoderFactory.get_type() == "lm"
+
+
+def count_lm_passes(monkeypatch) -> list[int]:
+    seen: list[int] = []
+    lm_class = type(next(iter(loaded_bodies())))
+    original = lm_class.encode
+    monkeypatch.setattr(
+        lm_class,
+        "encode",
+        lambda self, seg, *a, **k: seen.append(len(seg)) or original(self, seg, *a, **k),
+    )
+    return seen
+
+
+@pytest.mark.parametrize("share, passes", [(False, 65), (True, 40)])
+def test_critics_sharing_an_encoder_run_the_lm_once_per_batch(
+    share, passes, tiny_lm, hopper_dataset, monkeypatch
+):
+    algo = build(
+        ALGORITHMS["td3+bc"],
+        factory_for(tiny_lm, "ln_embed"),
+        q_func_factory=d3rlpy.models.MeanQFunctionFactory(share_encoder=share),
+    )
+    algo.build_with_dataset(hopper_dataset)
+    seen = count_lm_passes(monkeypatch)
+    fit(algo, hopper_dataset, steps=10)
+    # TD3+BC per update: critic step 5 encoder calls (target policy, 2 target critics, 2
+    # critics), actor step every 2nd update 3 more; shared critics: 3 + 1 of those are one pass.
+    assert len(seen) == passes
+
+
+def test_unreachable_tokens_are_an_error_not_a_silently_frozen_row(tiny_lm):
+    from lmencoders import UnreachableTokenError
+
+    lm = language_model(tiny_lm)
+    with pytest.raises(UnreachableTokenError, match="not among the trainable embedding rows"):
+        lm.encode([["x position: 1.0 m"]], ", ", vocabulary=np.array([0, 1, 2, 3]))

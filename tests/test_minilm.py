@@ -74,3 +74,29 @@ def test_td3_plus_bc_with_frozen_minilm_saves_small_and_reloads_identically(tmp_
     loaded.impl.save_model(raw)
     raw.seek(0)
     assert not any("lm_parameters" in k for m in torch.load(raw).values() for k in m)
+
+
+def test_ln_embed_trains_only_reachable_rows_and_that_is_exact(minilm):
+    """Gradients of the sparse rows equal the dense matrix's; every other row gets none."""
+    from lmencoders.encoders import _reachable_rows
+
+    description = lmencoders.load_description("hopper")
+    rows = torch.from_numpy(_reachable_rows(minilm, description))
+    assert len(rows) < 0.05 * minilm.model.get_input_embeddings().num_embeddings
+    obs = hopper_rollouts(episodes=1, steps=4)[0]
+    segments = description.format_segments(obs)
+    name = minilm.input_embedding_name
+    full = minilm.named_tensors([name])[name]
+
+    dense = full.detach().clone().requires_grad_()
+    minilm.encode(segments, ", ", parameters={name: dense}).square().sum().backward()
+    sparse = full.detach()[rows].clone().requires_grad_()
+    weight = full.index_copy(0, rows, sparse)
+    minilm.encode(
+        segments, ", ", parameters={name: weight}, vocabulary=rows.numpy()
+    ).square().sum().backward()
+
+    assert torch.allclose(dense.grad[rows], sparse.grad, atol=1e-6)
+    outside = torch.ones(len(full), dtype=torch.bool)
+    outside[rows] = False
+    assert not dense.grad[outside].any()
