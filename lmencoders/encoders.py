@@ -64,7 +64,7 @@ class TextFeatures(nn.Module):
         tuning: TuningMode,
         pooling: str,
         max_length: int | None,
-        batch_size: int,
+        batch_size: int | None,
         observation_scaler: ObservationScaler | None,
     ) -> None:
         super().__init__()
@@ -113,9 +113,9 @@ class TextFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._frozen is not None:
-            raw = self.raw_observations(x).detach().cpu().numpy()
-            features = self._frozen(raw, x.device, self.batch_size)
-            return torch.from_numpy(features).to(x.device)
+            return self._frozen.of_tensor(
+                x, self.observation_scaler, self.raw_observations, self.batch_size
+            )
         # Critics that share one encoder see the same batch with the same LM state: run the
         # LM once. The memo holds the input tensor itself (so its memory cannot be reused by
         # another batch) and the versions of the trained tensors; backward clears it.
@@ -240,7 +240,8 @@ class LMEncoderFactory(EncoderFactory):
         hidden_units: sizes of the MLP head.
         activation: activation of the MLP head (d3rlpy names).
         max_length: token window; ``None`` uses the model's. Longer texts are chunked.
-        batch_size: texts per LM forward when features are computed.
+        batch_size: texts per LM forward; ``None`` = 16 on CPU (small batches run faster
+            there), 256 on GPU.
         lora_rank, lora_alpha, lora_target_modules: LoRA settings (``tuning="lora"``).
         observation_scaler: the algorithm's observation scaler (same object), so the LM reads
             raw values; ``None`` when the algorithm does not scale observations.
@@ -254,7 +255,7 @@ class LMEncoderFactory(EncoderFactory):
     hidden_units: list[int] = dataclasses.field(default_factory=lambda: [256, 256])
     activation: str = "relu"
     max_length: int | None = None
-    batch_size: int = 256
+    batch_size: int | None = None
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_target_modules: list[str] | None = None
@@ -334,7 +335,11 @@ class LMEncoderFactory(EncoderFactory):
         if self.tuning != "frozen":
             raise ValueError(f"precompute needs tuning='frozen'; {self.tuning!r} trains the LM")
         if isinstance(observations, d3rlpy.dataset.ReplayBufferBase):
-            observations = np.concatenate([ep.observations for ep in observations.episodes])
+            episodes = observations.episodes
+            observations = np.concatenate([ep.observations for ep in episodes])
+            if any(ep.terminated for ep in episodes):  # d3rlpy's next observation after a
+                zero = np.zeros_like(observations[:1])  # terminal step is all zeros
+                observations = np.concatenate([observations, zero])
         return precompute_features(
             observations,
             self.load_description(),

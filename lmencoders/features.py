@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,74 +21,18 @@ import torch
 from .backbone import DEFAULT_MODEL, Frozen, LanguageModel, language_model
 from .cache import CacheKey, dataset_sha256, load_features, save_features
 from .description import StateDescription, load_description
+from .table import FeatureTable, RowIndex, float_bits
+
+if TYPE_CHECKING:  # only the encoders module imports d3rlpy
+    from d3rlpy.preprocessing import ObservationScaler
 
 __all__ = [
-    "FeatureTable",
     "FrozenFeatures",
     "frozen_features",
     "embed_observations",
     "precompute_features",
     "PrecomputeReport",
 ]
-
-_MIX = np.random.default_rng(0x5EED).integers(1, 2**63, size=4096, dtype=np.uint64) | np.uint64(1)
-
-
-def row_hashes(codes: np.ndarray) -> np.ndarray:
-    """A 64-bit hash per int64 row (vectorised; collisions are resolved by exact comparison)."""
-    width = codes.shape[1]
-    multipliers = np.resize(_MIX, width)
-    with np.errstate(over="ignore"):
-        mixed = codes.view(np.uint64) * multipliers
-        mixed ^= mixed >> np.uint64(31)
-        h = mixed.sum(axis=1, dtype=np.uint64)
-        h ^= h >> np.uint64(29)
-        h *= np.uint64(0xBF58476D1CE4E5B9)
-        h ^= h >> np.uint64(32)
-    return h
-
-
-class FeatureTable:
-    """Quantised observation rows -> feature rows, with sorted hashes for lookups."""
-
-    def __init__(self, key_width: int, feature_size: int, max_rows: int = 5_000_000) -> None:
-        self.max_rows = max_rows
-        self._hashes = np.empty(0, dtype=np.uint64)  # sorted
-        self._keys = np.empty((0, key_width), dtype=np.int64)  # aligned with _hashes
-        self._features = np.empty((0, feature_size), dtype=np.float32)
-
-    def __len__(self) -> int:
-        return len(self._hashes)
-
-    def lookup(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For each row: whether it is stored, and where (valid only where stored)."""
-        hashes = row_hashes(codes)
-        pos = np.searchsorted(self._hashes, hashes)
-        pos_clipped = np.minimum(pos, max(len(self) - 1, 0))
-        found = np.zeros(len(codes), dtype=bool)
-        if len(self):
-            found = self._hashes[pos_clipped] == hashes
-            found[found] = (self._keys[pos_clipped[found]] == codes[found]).all(axis=1)
-        return found, pos_clipped
-
-    def insert(self, codes: np.ndarray, features: np.ndarray) -> None:
-        """Store rows that are not stored yet (rows beyond ``max_rows`` are not kept)."""
-        found, _ = self.lookup(codes)
-        codes, features = codes[~found], features[~found]
-        hashes = row_hashes(codes)
-        _, first = np.unique(hashes, return_index=True)  # one row per hash
-        room = self.max_rows - len(self)
-        first = first[: max(room, 0)]
-        if len(first) == 0:
-            return
-        hashes, codes, features = hashes[first], codes[first], features[first]
-        pos = np.searchsorted(self._hashes, hashes)
-        self._hashes = np.insert(self._hashes, pos, hashes)
-        self._keys = np.insert(self._keys, pos, codes, axis=0)
-        self._features = np.insert(self._features, pos, features, axis=0)
-
-    def gather(self, positions: np.ndarray) -> np.ndarray:
-        return self._features[positions]
 
 
 class FrozenFeatures:
@@ -104,6 +48,59 @@ class FrozenFeatures:
         self.hidden_size = language_model(model).hidden_size
         self.table = FeatureTable(description.size, self.hidden_size)
         self._lock = threading.Lock()
+        self._recent: list[tuple[torch.Tensor, tuple, torch.Tensor]] = []
+        self._scaled: dict[int, tuple[RowIndex, int]] = {}
+
+    def of_tensor(
+        self,
+        x: torch.Tensor,
+        scaler: ObservationScaler | None,
+        to_raw: Callable[[torch.Tensor], torch.Tensor],
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """Features of an encoder's input tensor (scaled by ``scaler`` if given), on its device.
+
+        In one update several encoders get the very same batch tensor (critics, target critics
+        and target policy see ``next_obs``; critics and policy see ``obs``): the last few
+        tensors are remembered (the tensor itself is held, so its memory cannot be reused by
+        another batch) and looked up once.
+        """
+        key = (x._version, id(scaler))
+        for tensor, tensor_key, features in self._recent:
+            if tensor is x and tensor_key == key:
+                return features
+        if scaler is not None and scaler.built:
+            out = self._of_scaled(x, scaler, to_raw, batch_size)
+        else:
+            out = self(to_raw(x).detach().cpu().numpy(), x.device, batch_size)
+        features = torch.from_numpy(out).to(x.device)
+        self._recent = [(x, key, features), *self._recent[:3]]
+        return features
+
+    def _of_scaled(self, x, scaler, to_raw, batch_size) -> np.ndarray:
+        """Scaled inputs cannot be turned back into raw values exactly (float32 keeps ~7
+        digits: a FinRL balance of 1e6 comes back off by ~0.06), so stored rows are found by
+        the exact bits of their scaled form; only the rest is unscaled and quantised."""
+        index = self._scaled_index(scaler, x.device)
+        found, pos = index.lookup(float_bits(x.detach().cpu().numpy()))
+        out = np.empty((len(x), self.hidden_size), dtype=np.float32)
+        out[found] = self.table.gather(pos[found])
+        if not found.all():
+            missing = torch.from_numpy(~found).to(x.device)
+            out[~found] = self(to_raw(x[missing]).detach().cpu().numpy(), x.device, batch_size)
+        return out
+
+    def _scaled_index(self, scaler: ObservationScaler, device: torch.device) -> RowIndex:
+        with self._lock:
+            index, built_at = self._scaled.get(id(scaler), (None, -1))
+            if index is None or len(self.table) > 1.1 * built_at + 64:
+                raw = self.table.raw_rows()
+                rows = np.flatnonzero(~np.isnan(raw).any(axis=1))
+                scaled = scaler.transform(torch.from_numpy(raw[rows]).to(device))
+                index = RowIndex(self.description.size)
+                index.insert(float_bits(scaled.cpu().numpy()), rows)
+                self._scaled[id(scaler)] = (index, len(self.table))
+            return index
 
     def lm(self, device: torch.device | str = "cpu") -> LanguageModel:
         return language_model(self.model, Frozen(), device)
@@ -112,29 +109,31 @@ class FrozenFeatures:
         self,
         observations: np.ndarray,
         device: torch.device | str = "cpu",
-        batch_size: int = 256,
+        batch_size: int | None = None,
         show_progress: bool = False,
     ) -> np.ndarray:
         """Features (N, H) float32 of raw observations; misses go through the LM once."""
         codes = self.description.quantize(observations)
         with self._lock:
             found, pos = self.table.lookup(codes)
-            if not found.all():
-                missing = codes[~found]
-                unique_missing = np.unique(missing, axis=0)
-                feats = self.compute(unique_missing, device, batch_size, show_progress)
-                self.table.insert(unique_missing, feats)
-                found, pos = self.table.lookup(codes)
-            if found.all():
-                return self.table.gather(pos)
-            # The table is full: compute what it could not keep.
             out = np.empty((len(codes), self.hidden_size), dtype=np.float32)
             out[found] = self.table.gather(pos[found])
-            out[~found] = self.compute(codes[~found], device, batch_size, False)
+            if not found.all():
+                missing = np.flatnonzero(~found)
+                unique, first, inverse = np.unique(
+                    codes[missing], axis=0, return_index=True, return_inverse=True
+                )
+                features = self.compute(unique, device, batch_size, show_progress)
+                self.table.insert(unique, features, observations[missing[first]])
+                out[missing] = features[inverse.reshape(-1)]
             return out
 
     def compute(
-        self, codes: np.ndarray, device: torch.device | str, batch_size: int, show_progress: bool
+        self,
+        codes: np.ndarray,
+        device: torch.device | str,
+        batch_size: int | None,
+        show_progress: bool,
     ) -> np.ndarray:
         """Run the LM on quantised rows (no cache involved)."""
         features = self.lm(device).encode(
@@ -174,7 +173,7 @@ def embed_observations(
     observations: np.ndarray,
     description: StateDescription | str | Path | Mapping[str, Any],
     model: str = DEFAULT_MODEL,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     pooling: str = "mean",
     max_length: int | None = None,
     device: str = "cpu",
@@ -216,7 +215,7 @@ def precompute_features(
     model: str = DEFAULT_MODEL,
     pooling: str = "mean",
     max_length: int | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device: torch.device | str = "cpu",
     cache_dir: str | Path | None = None,
     show_progress: bool = True,
@@ -232,8 +231,10 @@ def precompute_features(
     start = time.perf_counter()
     description = load_description(description)
     table = frozen_features(model, description, pooling, max_length)
-    codes = description.quantize(np.asarray(observations))
-    unique = np.unique(codes, axis=0)
+    observations = np.asarray(observations)
+    codes = description.quantize(observations)
+    unique, first = np.unique(codes, axis=0, return_index=True)
+    raw = observations[first].astype(np.float32)
     rank, world = _distributed()
     path = None
     if cache_dir is not None:
@@ -248,30 +249,24 @@ def precompute_features(
         cached = load_features(path, key)
         if cached is not None:
             table.table.insert(*cached)
-            return PrecomputeReport(
-                len(codes), len(unique), "disk", path, time.perf_counter() - start
-            )
+            seconds = time.perf_counter() - start
+            return PrecomputeReport(len(codes), len(unique), "disk", path, seconds)
     elif world > 1:
         raise ValueError("sharded precompute needs a cache_dir shared by all processes")
-    shard = unique[rank::world]
+    shard, shard_raw = unique[rank::world], raw[rank::world]
     features = table.compute(shard, device, batch_size, show_progress and rank == 0)
     if world > 1:
-        shard_path = path.with_name(f"{path.name}.shard{rank}-of-{world}.npz")
-        save_features(shard_path, key, shard, features)
+        shard_paths = [path.with_name(f"{path.name}.shard{r}-of-{world}.npz") for r in range(world)]
+        save_features(shard_paths[rank], key, shard, features, shard_raw)
         _barrier()
         if rank == 0:
-            shards = [
-                np.load(path.with_name(f"{path.name}.shard{r}-of-{world}.npz"))
-                for r in range(world)
-            ]
-            merged_codes = np.concatenate([s["codes"] for s in shards])
-            merged = np.concatenate([s["features"] for s in shards])
-            save_features(path, key, merged_codes, merged)
-            for r in range(world):
-                path.with_name(f"{path.name}.shard{r}-of-{world}.npz").unlink()
+            parts = [load_features(p, key) for p in shard_paths]
+            save_features(path, key, *(np.concatenate(arrays) for arrays in zip(*parts)))
+            for p in shard_paths:
+                p.unlink()
         _barrier()
-        shard, features = load_features(path, key)
+        shard, features, shard_raw = load_features(path, key)
     elif path is not None:
-        save_features(path, key, shard, features)
-    table.table.insert(shard, features)
+        save_features(path, key, shard, features, shard_raw)
+    table.table.insert(shard, features, shard_raw)
     return PrecomputeReport(len(codes), len(unique), "computed", path, time.perf_counter() - start)

@@ -284,3 +284,33 @@ def test_unreachable_tokens_are_an_error_not_a_silently_frozen_row(tiny_lm):
     lm = language_model(tiny_lm)
     with pytest.raises(UnreachableTokenError, match="not among the trainable embedding rows"):
         lm.encode([["x position: 1.0 m"]], ", ", vocabulary=np.array([0, 1, 2, 3]))
+
+
+def test_one_table_lookup_per_distinct_batch_tensor_in_an_update(
+    tiny_lm, hopper_dataset, monkeypatch
+):
+    from lmencoders.features import FrozenFeatures
+
+    factory = factory_for(tiny_lm)
+    factory.precompute(hopper_dataset, cache_dir=False, show_progress=False)
+    algo = build(ALGORITHMS["td3+bc"], factory)
+    fit(algo, hopper_dataset, steps=1)
+    lookups: list[int] = []
+    fallbacks: list[int] = []
+    scaled, unscaled = FrozenFeatures._of_scaled, FrozenFeatures.__call__
+    monkeypatch.setattr(
+        FrozenFeatures,
+        "_of_scaled",
+        lambda self, x, *a: lookups.append(len(x)) or scaled(self, x, *a),
+    )
+    monkeypatch.setattr(
+        FrozenFeatures,
+        "__call__",
+        lambda self, o, *a, **k: fallbacks.append(len(o)) or unscaled(self, o, *a, **k),
+    )
+    for _ in range(4):
+        algo.update(hopper_dataset.sample_transition_batch(16))
+    # obs and next_obs: two lookups per update for the six encoders' 6.5 calls, all of them
+    # exact hits on the scaled inputs (no unscaling, no LM).
+    assert lookups == [16] * 8
+    assert fallbacks == []

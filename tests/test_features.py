@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 import lmencoders
-from lmencoders import features as features_module
+from lmencoders import table as table_module
 from lmencoders.backbone import LanguageModel
-from lmencoders.features import FeatureTable
+from lmencoders.table import FeatureTable
 
 
 def test_table_finds_exactly_what_was_inserted():
@@ -21,14 +21,48 @@ def test_table_finds_exactly_what_was_inserted():
 
 
 def test_table_never_confuses_rows_whose_hashes_collide(monkeypatch):
-    monkeypatch.setattr(
-        features_module, "row_hashes", lambda codes: np.zeros(len(codes), np.uint64)
-    )
+    monkeypatch.setattr(table_module, "row_hashes", lambda codes: np.zeros(len(codes), np.uint64))
     table = FeatureTable(3, 1)
     table.insert(np.array([[1, 2, 3]]), np.array([[7.0]], np.float32))
     found, pos = table.lookup(np.array([[1, 2, 3], [3, 2, 1]]))
     assert found.tolist() == [True, False]
     assert table.gather(pos[:1]).tolist() == [[7.0]]
+
+
+def test_index_stays_sorted_across_interleaved_inserts():
+    from lmencoders.table import RowIndex
+
+    rng = np.random.default_rng(3)
+    rows = rng.integers(-1000, 1000, size=(600, 5))
+    index = RowIndex(5)
+    for part in np.array_split(np.arange(600), 7):
+        index.insert(rows[part], part)
+    found, values = index.lookup(rows)
+    unique_rows = len(np.unique(rows, axis=0))
+    assert found.all() and len(index) == unique_rows
+    assert (rows[values] == rows).all()
+
+
+def test_scaled_batches_find_rows_that_cannot_be_unscaled_exactly(tiny_lm):
+    """FinRL-sized numbers do not survive float32 scaling; exact scaled bits still match."""
+    import d3rlpy
+    import torch
+
+    from lmencoders.features import frozen_features
+
+    rng = np.random.default_rng(0)
+    obs = rng.uniform(0, 2e6, size=(50, 3)).astype(np.float32)
+    scaler = d3rlpy.preprocessing.StandardObservationScaler(mean=obs.mean(0), std=obs.std(0))
+    description = lmencoders.load_description(
+        {"name": "cash", "dimensions": [{"label": "balance"}, {"label": "debt"}, {"label": "a"}]}
+    )
+    expected = lmencoders.embed_observations(obs, description, model=tiny_lm, show_progress=False)
+    scaled = scaler.transform(torch.from_numpy(obs))
+    unscaled = scaler.reverse_transform(scaled).numpy()
+    assert (description.quantize(unscaled) != description.quantize(obs)).any()  # lossy
+    cache = frozen_features(tiny_lm, description)
+    got = cache.of_tensor(scaled, scaler, scaler.reverse_transform)
+    assert np.array_equal(got.numpy(), expected)
 
 
 def test_table_respects_its_row_limit():

@@ -1,0 +1,595 @@
+"""Where the time and memory go: lmencoders against plain MLPs, a plain Hugging Face pipeline
+and a hand-written LM encoder, all measured in this one run (ratios, not absolute timings, are
+what carries across machines).
+
+    python benchmarks/run.py          # about 6 minutes on 2 CPU cores; writes benchmarks/README.md
+    python benchmarks/run.py --quick  # a smoke run with small sizes (prints, writes nothing)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import d3rlpy
+import gymnasium as gym
+import numpy as np
+import structlog
+import torch
+import transformers
+
+import lmencoders
+from lmencoders.backbone import DEFAULT_MODEL, LanguageModel, language_model
+from lmencoders.encoders import TextFeatures
+from lmencoders.features import clear_feature_caches, frozen_features
+from lmencoders.table import FeatureTable
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import naive_encoder  # noqa: E402  (registers the baseline's encoder type with d3rlpy)
+
+FINRL_CSV = HERE.parent.parent / "shared" / "data" / "neorl" / "finance-trade.csv"
+
+
+# --------------------------------------------------------------------------- data
+
+
+def hopper_dataset(episodes: int, steps: int, seed: int = 0) -> d3rlpy.dataset.MDPDataset:
+    """Real Hopper-v5 (NeoRL layout) transitions of a noisy periodic gait."""
+    env = gym.make("Hopper-v5", exclude_current_positions_from_observation=False)
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list] = {k: [] for k in ("obs", "act", "rew", "term", "timeout")}
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        for t in range(steps):
+            action = np.clip(
+                0.6 * np.sin(0.35 * t + np.array([0, 1.5, 3])) + rng.normal(0, 0.3, 3), -1, 1
+            ).astype(np.float32)
+            next_obs, reward, terminated, _, _ = env.step(action)
+            for key, value in zip(
+                rows, (obs, action, reward, terminated, t == steps - 1 and not terminated)
+            ):
+                rows[key].append(value)
+            obs = next_obs
+            if terminated:
+                break
+    return d3rlpy.dataset.MDPDataset(
+        np.asarray(rows["obs"], np.float32),
+        np.asarray(rows["act"]),
+        np.asarray(rows["rew"], np.float32),
+        np.asarray(rows["term"]),
+        np.asarray(rows["timeout"]),
+        action_space=d3rlpy.ActionSpace.CONTINUOUS,
+    )
+
+
+def all_observations(dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Observations and next observations of every transition, as a dataset file holds them."""
+    obs, next_obs = [], []
+    for ep in dataset.episodes:
+        obs.append(ep.observations[:-1])
+        next_obs.append(ep.observations[1:])
+    return np.concatenate(obs), np.concatenate(next_obs)
+
+
+def with_features(dataset) -> d3rlpy.dataset.MDPDataset:
+    """The dataset with each observation replaced by [frozen LM features ++ observation]."""
+    parts: dict[str, list] = {k: [] for k in ("obs", "act", "rew", "term", "timeout")}
+    for ep in dataset.episodes:
+        features = lmencoders.embed_observations(ep.observations, "hopper", show_progress=False)
+        parts["obs"].append(np.concatenate([features, ep.observations], axis=1))
+        parts["act"].append(ep.actions)
+        parts["rew"].append(ep.rewards)
+        end = np.zeros(len(ep.observations), bool)
+        end[-1] = True
+        parts["term"].append(end & bool(ep.terminated))
+        parts["timeout"].append(end & (not ep.terminated))
+    return d3rlpy.dataset.MDPDataset(
+        *(np.concatenate(parts[k]) for k in parts), action_space=d3rlpy.ActionSpace.CONTINUOUS
+    )
+
+
+def finrl_observations(n: int, seed: int = 0) -> np.ndarray:
+    """FinRL observations built from the real market file: cash, prices and indicators of a
+    trading day, random holdings."""
+    with open(FINRL_CSV) as f:
+        rows = list(csv.DictReader(f))
+    days: dict[str, list[dict]] = {}
+    for row in rows:
+        days.setdefault(row["date"], []).append(row)
+    rng = np.random.default_rng(seed)
+    out = []
+    for date in list(days)[:n]:
+        day = days[date]
+        columns = [
+            [float(r[c]) for r in day] for c in ("close", "macd", "rsi_30", "cci_30", "dx_30")
+        ]
+        shares = rng.integers(0, 300, size=30).astype(float)
+        cash = float(rng.uniform(1e5, 1e6))
+        out.append([cash] + columns[0] + list(shares) + sum(columns[1:], []))
+    return np.asarray(out)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class PassCounter:
+    """Counts texts and calls that reach the LM (wraps LanguageModel.encode, calls through)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.texts = 0
+        self._original = LanguageModel.encode
+
+    def __enter__(self) -> PassCounter:
+        counter, original = self, self._original
+
+        def counting(lm, segments, *args, **kwargs):
+            counter.calls += 1
+            counter.texts += len(segments)
+            return original(lm, segments, *args, **kwargs)
+
+        LanguageModel.encode = counting
+        return self
+
+    def __exit__(self, *exc) -> None:
+        LanguageModel.encode = self._original
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def td3(dataset, encoder_factory, batch_size: int, share: bool = False):
+    scaler = d3rlpy.preprocessing.StandardObservationScaler()
+    if isinstance(encoder_factory, lmencoders.LMEncoderFactory):
+        encoder_factory.observation_scaler = scaler
+    algo = d3rlpy.algos.TD3PlusBCConfig(
+        actor_encoder_factory=encoder_factory,
+        critic_encoder_factory=encoder_factory,
+        observation_scaler=scaler,
+        batch_size=batch_size,
+        q_func_factory=d3rlpy.models.MeanQFunctionFactory(share_encoder=share),
+    ).create(device="cpu")
+    algo.fit(
+        dataset,
+        n_steps=1,
+        n_steps_per_epoch=1,
+        show_progress=False,
+        logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
+    )  # builds, fits the scaler
+    return algo
+
+
+def time_updates(algo, dataset, batch_size: int, updates: int) -> tuple[float, float]:
+    """Seconds per TD3+BC update and LM calls per update, on pre-sampled batches."""
+    batches = [dataset.sample_transition_batch(batch_size) for _ in range(updates)]
+    with PassCounter() as counter:
+        start = time.perf_counter()
+        for batch in batches:
+            algo.update(batch)
+        seconds = (time.perf_counter() - start) / updates
+    return seconds, counter.calls / updates
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def mb(n_bytes: float) -> str:
+    return f"{n_bytes / 2**20:.1f}"
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def update_time(dataset, quick: bool) -> str:
+    small, large = (8, 64) if quick else (32, 256)
+    lm_updates, cheap_updates = (1, 5) if quick else (2, 50)
+    rows = []
+
+    plain = td3(dataset, d3rlpy.models.VectorEncoderFactory(), small)
+    base_small, _ = time_updates(plain, dataset, small, cheap_updates)
+
+    def add(name, algo, batch, updates, baseline, data=dataset):
+        seconds, passes = time_updates(algo, data, batch, updates)
+        rows.append(
+            [name, batch, f"{seconds * 1e3:.1f}", f"{seconds / baseline:.2f}x", f"{passes:.1f}"]
+        )
+
+    add("plain MLP encoders (d3rlpy default)", plain, small, cheap_updates, base_small)
+    frozen = lmencoders.LMEncoderFactory(description="hopper")
+    frozen.precompute(dataset, cache_dir=False, show_progress=False)
+    wide = with_features(dataset)
+    add(
+        "same-size MLP fed [features ++ obs] as a 396-dim vector (the limit)",
+        td3(wide, d3rlpy.models.VectorEncoderFactory(), small),
+        small,
+        cheap_updates,
+        base_small,
+        wide,
+    )
+    add(
+        "LM frozen, cached (precomputed)",
+        td3(dataset, frozen, small),
+        small,
+        cheap_updates,
+        base_small,
+    )
+    uncached = td3(
+        dataset, lmencoders.LMEncoderFactory(description="hopper", max_length=255), small
+    )
+    description = lmencoders.load_description("hopper")
+    frozen_features(DEFAULT_MODEL, description, "mean", 255).table = FeatureTable(
+        description.size, 384, max_rows=0
+    )  # no table: every encoder call runs the LM
+    add(
+        "LM frozen, no feature table (LM on each distinct batch)",
+        uncached,
+        small,
+        lm_updates,
+        base_small,
+    )
+    ln = lmencoders.LMEncoderFactory(description="hopper", tuning="ln_embed")
+    add("LM ln_embed", td3(dataset, ln, small), small, lm_updates, base_small)
+    add(
+        "LM ln_embed, critics share one encoder",
+        td3(dataset, ln, small, share=True),
+        small,
+        lm_updates,
+        base_small,
+    )
+
+    plain_large = td3(dataset, d3rlpy.models.VectorEncoderFactory(), large)
+    base_large, _ = time_updates(plain_large, dataset, large, cheap_updates)
+    rows.append(
+        ["plain MLP encoders (d3rlpy default)", large, f"{base_large * 1e3:.1f}", "1.00x", "0.0"]
+    )
+    add(
+        "same-size MLP fed [features ++ obs] as a 396-dim vector (the limit)",
+        td3(wide, d3rlpy.models.VectorEncoderFactory(), large),
+        large,
+        cheap_updates,
+        base_large,
+        wide,
+    )
+    add(
+        "LM frozen, cached (precomputed)",
+        td3(dataset, frozen, large),
+        large,
+        cheap_updates,
+        base_large,
+    )
+    return table(
+        ["encoders", "batch", "ms / update", "vs plain (same batch)", "LM calls / update"], rows
+    )
+
+
+def straightforward_hf(texts: list[str], batch_size: int = 256) -> np.ndarray:
+    """The baseline pipeline: batches of 256 in dataset order, padded to the longest, mean pool."""
+    path = lmencoders.backbone.resolve_model_path(DEFAULT_MODEL)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start : start + batch_size], padding=True, return_tensors="pt")
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            out.append(((hidden * mask).sum(1) / mask.sum(1)).numpy())
+    return np.concatenate(out)
+
+
+def precompute_throughput(dataset, quick: bool) -> str:
+    obs, next_obs = all_observations(dataset)
+    n = 64 if quick else 512
+    obs, next_obs = obs[:n], next_obs[:n]
+    description = lmencoders.load_description("hopper")
+    rows = []
+    for name, data in [
+        ("distinct observations", obs),
+        ("a dataset's obs + next_obs", np.concatenate([obs, next_obs])),
+    ]:
+        texts = description.format(data)
+        start = time.perf_counter()
+        reference = straightforward_hf(texts)
+        base = len(data) / (time.perf_counter() - start)
+        clear_feature_caches()
+        start = time.perf_counter()
+        ours = lmencoders.embed_observations(data, description, show_progress=False)
+        rate = len(data) / (time.perf_counter() - start)
+        diff = float(np.abs(ours - reference).max())
+        rows.append(
+            [
+                name,
+                len(data),
+                len(np.unique(data, axis=0)),
+                f"{base:.1f}",
+                f"{rate:.1f}",
+                f"{rate / base:.2f}x",
+                f"{diff:.1e}",
+            ]
+        )
+    return table(
+        [
+            "observations",
+            "rows",
+            "distinct",
+            "plain HF obs/s",
+            "lmencoders obs/s",
+            "speed-up",
+            "max abs diff",
+        ],
+        rows,
+    )
+
+
+def memory_and_checkpoints(dataset, quick: bool) -> str:
+    batch, updates = 8, (1 if quick else 4)
+    rows = []
+    lm_bytes = sum(p.numel() * 4 for p in language_model().model.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        naive_encoder.CALLS["lm_forward"] = 0
+        algo = td3(dataset, naive_encoder.NaiveLMEncoderFactory(description="hopper"), batch)
+        naive_encoder.CALLS["lm_forward"] = 0
+        batches = [dataset.sample_transition_batch(batch) for _ in range(updates)]
+        for b in batches:
+            algo.update(b)
+        passes = naive_encoder.CALLS["lm_forward"] / updates
+        copies = sum(
+            isinstance(m, transformers.BertModel)
+            for module in algo.impl.modules.get_torch_modules().values()
+            for m in module.modules()
+        )
+        algo.save(os.path.join(tmp, "naive.d3"))
+        rows.append(
+            [
+                "hand-written (LM inside each encoder), frozen",
+                f"{passes:.1f}",
+                copies,
+                mb(copies * lm_bytes),
+                mb(os.path.getsize(os.path.join(tmp, "naive.d3"))),
+            ]
+        )
+        del algo
+        plain = td3(dataset, d3rlpy.models.VectorEncoderFactory(), batch)
+        plain.save(os.path.join(tmp, "plain.d3"))
+        size = mb(os.path.getsize(os.path.join(tmp, "plain.d3")))
+        rows.append(["plain MLP encoders (no LM)", "0.0", 0, "0.0", size])
+        for tuning in ["frozen", "ln_embed", "lora", "full"]:
+            factory = lmencoders.LMEncoderFactory(description="hopper", tuning=tuning)
+            if tuning == "frozen":
+                factory.precompute(dataset, cache_dir=False, show_progress=False)
+            algo = td3(dataset, factory, batch)
+            _, passes = time_updates(algo, dataset, batch, updates)
+            trained = sum(
+                p.numel() * 4
+                for module in algo.impl.modules.get_torch_modules().values()
+                for name, p in module.named_parameters()
+                if "lm_parameters" in name
+            )
+            bodies = {
+                id(language_model(f.model_name, f.tuning).model)
+                for module in algo.impl.modules.get_torch_modules().values()
+                for f in module.modules()
+                if isinstance(f, TextFeatures)
+            }
+            path = os.path.join(tmp, f"{tuning}.d3")
+            algo.save(path)
+            rows.append(
+                [
+                    f"lmencoders {tuning}",
+                    f"{passes:.1f}",
+                    len(bodies),
+                    mb(trained),
+                    mb(os.path.getsize(path)),
+                ]
+            )
+            del algo
+    return table(
+        [
+            "TD3+BC on Hopper",
+            "LM calls / update",
+            "LM bodies used by the 6 encoders",
+            "trained LM tensors, all encoders (MB)",
+            "checkpoint .d3 (MB)",
+        ],
+        rows,
+    )
+
+
+def action_latency(dataset, quick: bool) -> str:
+    repeats = 5 if quick else 20
+    obs = dataset.episodes[0].observations
+    description = lmencoders.load_description("hopper")
+    lm = language_model()
+    text = description.format(obs[:1])
+
+    def bare():
+        with torch.no_grad():
+            lm.model(**lm.tokenizer(text, return_tensors="pt"))
+
+    factory = lmencoders.LMEncoderFactory(description="hopper")
+    algo = td3(dataset, factory, 32)
+    plain = td3(dataset, d3rlpy.models.VectorEncoderFactory(), 32)
+    rng = np.random.default_rng(0)
+    fresh = iter(obs[:1] + rng.normal(0, 1e-3, size=(repeats, obs.shape[1])).astype(np.float32))
+    seen = obs[:1]
+    algo.predict(seen)
+    bare_s = median_seconds(bare, repeats)
+    rows = [
+        ["bare MiniLM forward of one text", f"{bare_s * 1e3:.1f}", "1.00x"],
+        [
+            "lmencoders predict, new observation (LM runs)",
+            f"{median_seconds(lambda: algo.predict(next(fresh)[None]), repeats) * 1e3:.1f}",
+            None,
+        ],
+        [
+            "lmencoders predict, seen observation (table hit)",
+            f"{median_seconds(lambda: algo.predict(seen), repeats) * 1e3:.1f}",
+            None,
+        ],
+        [
+            "plain MLP predict",
+            f"{median_seconds(lambda: plain.predict(seen), repeats) * 1e3:.2f}",
+            None,
+        ],
+    ]
+    for row in rows[1:]:
+        row[2] = f"{float(row[1]) / (bare_s * 1e3):.2f}x"
+    return table(["batch 1 action", "ms (median)", "vs bare LM forward"], rows)
+
+
+def growth(dataset, quick: bool) -> str:
+    lm = language_model()
+    hopper_obs = np.concatenate([ep.observations for ep in dataset.episodes])
+    cases = [
+        ("hopper", hopper_obs[: 32 if quick else 256]),
+        ("finrl", finrl_observations(8 if quick else 64)),
+    ]
+    rows = []
+    for name, obs in cases:
+        description = lmencoders.load_description(name)
+        segments = description.format_segments(obs)
+        chunks = lmencoders.tokens.tokenize_texts(
+            lm.tokenizer, segments, description.separator, lm.window
+        )
+        tokens = sum(len(c) for c in chunks.ids) / len(obs)
+        fmt_us = median_seconds(lambda d=description, o=obs: d.format(o), 3) / len(obs) * 1e6
+        clear_feature_caches()
+        start = time.perf_counter()
+        lmencoders.embed_observations(obs, description, show_progress=False)
+        rate = len(obs) / (time.perf_counter() - start)
+        cache = frozen_features(DEFAULT_MODEL, description)
+        batch = obs[np.random.default_rng(0).integers(0, len(obs), 256)]
+        lookup_us = median_seconds(lambda c=cache, b=batch: c(b), 20) * 1e6
+        rows.append(
+            [
+                f"{name} ({description.size} dims)",
+                f"{tokens:.0f}",
+                f"{len(chunks.ids) / len(obs):.1f}",
+                f"{fmt_us:.0f}",
+                f"{rate:.1f}",
+                f"{lookup_us:.0f}",
+            ]
+        )
+    size_rows = []
+    description = lmencoders.load_description("hopper")
+    rng = np.random.default_rng(1)
+    for n in [1_000, 10_000] if quick else [1_000, 10_000, 100_000, 1_000_000]:
+        codes = description.quantize(rng.standard_normal((n, description.size)))
+        table_ = FeatureTable(description.size, 384)
+        table_.insert(codes, np.zeros((n, 384), np.float32))
+        batch = codes[rng.integers(0, n, 256)]
+        lookup_us = median_seconds(lambda t=table_, b=batch: t.gather(t.lookup(b)[1]), 20) * 1e6
+        size_rows.append([f"{n:,}", f"{lookup_us:.0f}"])
+    return (
+        table(
+            [
+                "observation",
+                "tokens / obs",
+                "chunks / obs",
+                "text formatting us / obs",
+                "precompute obs/s",
+                "cached lookup of 256 rows, us",
+            ],
+            rows,
+        )
+        + "\n\n"
+        + table(
+            ["rows in the feature table (Hopper)", "lookup + gather of 256 rows, us"], size_rows
+        )
+    )
+
+
+# --------------------------------------------------------------------------- main
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
+        f"d3rlpy {d3rlpy.__version__}, Python {platform.python_version()}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes; writes nothing")
+    parser.add_argument("--out", default=str(HERE / "README.md"))
+    args = parser.parse_args()
+    d3rlpy.seed(0)
+    transformers.utils.logging.disable_progress_bar()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    dataset = hopper_dataset(episodes=8 if args.quick else 40, steps=100)
+    sections = [
+        (
+            "1. TD3+BC update time",
+            update_time,
+            "Same Hopper dataset and batches for every row; LM = all-MiniLM-L6-v2. The goal for "
+            "frozen cached is <= 1.3x the plain MLP update.",
+        ),
+        (
+            "2. Precompute throughput",
+            precompute_throughput,
+            "Frozen MiniLM features of Hopper observations. Plain HF: batches of 256 in dataset "
+            "order, padded to the longest, mean pooling. lmencoders: exact dedup, length-sorted "
+            "batches of 16 (faster than 256 on CPU), inference mode. Features must match "
+            "(<= 1e-4). Goal >= 2x.",
+        ),
+        (
+            "3. LM passes, copies and checkpoint size",
+            memory_and_checkpoints,
+            "TD3+BC (6 encoders), batch 8. Goal for frozen: checkpoint <= 5 MB.",
+        ),
+        ("4. Action latency at evaluation (batch 1)", action_latency, ""),
+        ("5. Growth with observation and dataset size", growth, ""),
+    ]
+    parts = []
+    for title, fn, note in sections:
+        start = time.perf_counter()
+        body = fn(dataset, args.quick)
+        text = f"## {title}\n\n{note}\n\n{body}\n" if note else f"## {title}\n\n{body}\n"
+        print(text, f"({time.perf_counter() - start:.0f} s)\n", flush=True)
+        parts.append(text)
+    if args.quick:
+        return
+    header = (
+        "# Benchmarks\n\n"
+        "Generated by `python benchmarks/run.py` (do not edit by hand) on "
+        f"{datetime.date.today().isoformat()}.\n\nMachine: {machine()}.\n\n"
+        f"Data: {dataset.transition_count} real Hopper-v5 transitions (NeoRL layout) of a noisy "
+        "gait; FinRL observations from NeoRL's market file. Timings are medians or means of "
+        "this one run; compare ratios, not absolute numbers, across machines.\n\n"
+    )
+    Path(args.out).write_text(header + "\n".join(parts))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Vectorised exact-match tables: integer rows -> values, with no Python loop per row.
+
+Rows are hashed to 64 bits (multiply-xorshift over the columns), kept sorted, and looked up
+with ``searchsorted``; every candidate is then compared column by column, so a hash collision
+can only ever cause a miss, never a wrong answer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["row_hashes", "float_bits", "RowIndex", "FeatureTable"]
+
+_MIX = np.random.default_rng(0x5EED).integers(1, 2**63, size=4096, dtype=np.uint64) | np.uint64(1)
+
+
+def row_hashes(rows: np.ndarray) -> np.ndarray:
+    """A 64-bit hash per int64 row."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    multipliers = np.resize(_MIX, rows.shape[1])
+    with np.errstate(over="ignore"):
+        mixed = rows.view(np.uint64) * multipliers
+        mixed ^= mixed >> np.uint64(31)
+        h = mixed.sum(axis=1, dtype=np.uint64)
+        h ^= h >> np.uint64(29)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(32)
+    return h
+
+
+def float_bits(values: np.ndarray) -> np.ndarray:
+    """The exact float32 bit patterns of a batch, as int64 rows (for exact-match keys)."""
+    return np.ascontiguousarray(values, dtype=np.float32).view(np.int32).astype(np.int64)
+
+
+class RowIndex:
+    """int64 rows -> int64 values."""
+
+    def __init__(self, width: int) -> None:
+        self._hashes = np.empty(0, dtype=np.uint64)  # sorted
+        self._keys = np.empty((0, width), dtype=np.int64)  # aligned with _hashes
+        self._values = np.empty(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+    def lookup(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each row: whether it is stored, and its value (meaningful only where stored)."""
+        hashes = row_hashes(rows)
+        if not len(self):
+            return np.zeros(len(rows), dtype=bool), np.zeros(len(rows), dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self._hashes, hashes), len(self) - 1)
+        found = self._hashes[pos] == hashes
+        found[found] = (self._keys[pos[found]] == rows[found]).all(axis=1)
+        return found, self._values[pos]
+
+    def absent(self, rows: np.ndarray) -> np.ndarray:
+        """Rows not stored yet, counting only the first of rows that share a hash."""
+        found, _ = self.lookup(rows)
+        new = np.flatnonzero(~found)
+        _, first = np.unique(row_hashes(rows[new]), return_index=True)
+        mask = np.zeros(len(rows), dtype=bool)
+        mask[new[first]] = True
+        return mask
+
+    def insert(self, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Store rows not stored yet; returns the mask of rows stored now."""
+        stored = self.absent(rows)
+        rows, values = rows[stored], values[stored]
+        hashes = row_hashes(rows)
+        order = np.argsort(hashes)  # np.insert keeps input order within one gap
+        rows, values, hashes = rows[order], values[order], hashes[order]
+        pos = np.searchsorted(self._hashes, hashes)
+        self._hashes = np.insert(self._hashes, pos, hashes)
+        self._keys = np.insert(self._keys, pos, rows, axis=0)
+        self._values = np.insert(self._values, pos, values)
+        return stored
+
+
+class FeatureTable:
+    """Quantised observation rows -> feature rows (append-only store behind a RowIndex).
+
+    Each stored row also keeps one raw float32 observation that produced it, from which the
+    exact scaled inputs that d3rlpy will feed the encoders can be recomputed.
+    """
+
+    def __init__(self, key_width: int, feature_size: int, max_rows: int = 5_000_000) -> None:
+        self.max_rows = max_rows
+        self.index = RowIndex(key_width)
+        self._features = np.empty((0, feature_size), dtype=np.float32)
+        self._raw = np.empty((0, key_width), dtype=np.float32)
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def lookup(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each row: whether it is stored, and its position (valid only where stored)."""
+        return self.index.lookup(codes)
+
+    def insert(
+        self, codes: np.ndarray, features: np.ndarray, raw: np.ndarray | None = None
+    ) -> None:
+        """Store rows not stored yet; rows beyond ``max_rows`` are not kept."""
+        keep = np.flatnonzero(self.index.absent(codes))[: max(self.max_rows - self._size, 0)]
+        self.index.insert(codes[keep], self._size + np.arange(len(keep)))
+        end = self._size + len(keep)
+        self._grow(end)
+        self._features[self._size : end] = features[keep]
+        self._raw[self._size : end] = np.nan if raw is None else raw[keep]
+        self._size = end
+
+    def _grow(self, needed: int) -> None:
+        if needed <= len(self._features):
+            return
+        capacity = max(needed, 2 * len(self._features), 1024)
+        for name in ("_features", "_raw"):
+            old = getattr(self, name)
+            new = np.empty((capacity, old.shape[1]), dtype=old.dtype)
+            new[: self._size] = old[: self._size]
+            setattr(self, name, new)
+
+    def gather(self, positions: np.ndarray) -> np.ndarray:
+        return self._features[positions]
+
+    def raw_rows(self) -> np.ndarray:
+        """One raw observation per stored row (NaN where none was given), in position order."""
+        return self._raw[: self._size]
