@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from .backbone import DEFAULT_MODEL, POOLINGS
 
@@ -45,6 +46,20 @@ def _precompute(args: argparse.Namespace) -> int:
     return 0
 
 
+def _collect(args: argparse.Namespace) -> int:
+    from .collect import CollectConfig, collect
+
+    config = CollectConfig(
+        env=args.env, out_dir=args.out, sac_steps=args.sac_steps,
+        checkpoint_every=args.checkpoint_every, eval_episodes=args.eval_episodes,
+        levels=tuple(args.levels), train_trajectories=args.train, val_trajectories=args.val,
+        max_episode_steps=args.max_episode_steps, seed=args.seed,
+    )
+    record = collect(config)
+    print(f"done in {record['seconds']:.0f} s; record: {Path(args.out) / 'collect.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmencoders", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-dir", default=None, help="default: $LMENCODERS_CACHE or ~/.cache/lmencoders"
     )
     pre.set_defaults(run=_precompute)
+
+    col = commands.add_parser(
+        "collect",
+        help="make NeoRL-style datasets for a gymnasium environment (SAC behaviour policies)",
+        description="Train SAC online, keep the policies at about 25/50/75%% of the best return "
+        "(low/medium/high), roll them out (mean action 80%%, sampled 20%%) and write NeoRL-layout "
+        ".npz files. Finished stages are skipped when run again.",
+    )
+    col.add_argument("--env", default="Hopper-v5", help="gymnasium id (default Hopper-v5)")
+    col.add_argument("--out", default="neorl-data", help="output folder")
+    col.add_argument("--sac-steps", type=int, default=100_000)
+    col.add_argument("--checkpoint-every", type=int, default=5_000)
+    col.add_argument("--eval-episodes", type=int, default=5)
+    col.add_argument("--levels", nargs="+", default=["low", "medium", "high"],
+                     choices=["low", "medium", "high"])
+    col.add_argument("--train", type=int, default=100, help="train trajectories per level")
+    col.add_argument("--val", type=int, default=10, help="val trajectories per level")
+    col.add_argument("--max-episode-steps", type=int, default=1000)
+    col.add_argument("--seed", type=int, default=0)
+    col.set_defaults(run=_collect)
     return parser
 
 

@@ -1,0 +1,175 @@
+"""NeoRL-style datasets for any gymnasium continuous-control environment.
+
+NeoRL's protocol: train a SAC behaviour policy, keep the policies whose return is about 25%,
+50% and 75% of the best return reached (low, medium, high), and roll each out with the policy
+mean 80% of the time and a sampled action 20% of the time, in episodes of up to 1000 steps.
+The result is written in NeoRL's own layout (``lmencoders.datasets`` reads it back).
+
+Each stage leaves finished files behind and is skipped when they exist, so an interrupted run
+resumes; every file is written to a temporary name and renamed, so nothing half-written ever
+looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import d3rlpy
+import numpy as np
+from tqdm.auto import tqdm
+
+from .datasets import read_neorl_file
+from .envs import make_env
+
+__all__ = ["CollectConfig", "collect", "rollout"]
+
+LEVEL_FRACTIONS = {"low": 0.25, "medium": 0.5, "high": 0.75}
+
+
+@dataclasses.dataclass
+class CollectConfig:
+    env: str = "Hopper-v5"  # gymnasium id (MuJoCo tasks keep the x position, as NeoRL)
+    out_dir: str = "neorl-data"
+    sac_steps: int = 100_000
+    checkpoint_every: int = 5_000
+    eval_episodes: int = 5
+    levels: tuple[str, ...] = ("low", "medium", "high")
+    train_trajectories: int = 100
+    val_trajectories: int = 10
+    max_episode_steps: int = 1000
+    sample_probability: float = 0.2
+    seed: int = 0
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _evaluate(algo, env, episodes: int, seed: int) -> float:
+    returns = []
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        total, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(algo.predict(obs[None])[0])
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    return float(np.mean(returns))
+
+
+def train_behaviour_policies(config: CollectConfig, folder: Path) -> list[dict]:
+    """SAC online, one saved policy and its mean return per ``checkpoint_every`` steps."""
+    log_path = folder / "sac-checkpoints.json"
+    if log_path.is_file():
+        return json.loads(log_path.read_text())
+    d3rlpy.seed(config.seed)
+    env, eval_env = make_env(config.env), make_env(config.env)
+    env.reset(seed=config.seed)
+    sac = d3rlpy.algos.SACConfig(batch_size=256).create(device="cpu")
+    buffer = d3rlpy.dataset.create_fifo_replay_buffer(limit=config.sac_steps, env=env)
+    history = []
+    for step in range(config.checkpoint_every, config.sac_steps + 1, config.checkpoint_every):
+        sac.fit_online(
+            env, buffer, n_steps=config.checkpoint_every, n_steps_per_epoch=config.checkpoint_every,
+            random_steps=min(5_000, config.checkpoint_every) if step == config.checkpoint_every else 0, save_interval=10**9,
+            logger_adapter=d3rlpy.logging.NoopAdapterFactory(), show_progress=True,
+        )
+        path = folder / "policies" / f"sac-{step}.d3"
+        _atomic_write(path, lambda f, algo=sac: f.write(_dump(algo)))
+        score = _evaluate(sac, eval_env, config.eval_episodes, seed=10_000)
+        history.append({"step": step, "return": score, "path": str(path.relative_to(folder))})
+        print(f"SAC step {step}: mean return {score:.1f}", flush=True)
+    _atomic_write(log_path, lambda f: f.write(json.dumps(history, indent=1).encode()))
+    return history
+
+
+def _dump(algo) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        algo.save(os.path.join(tmp, "m.d3"))
+        return Path(tmp, "m.d3").read_bytes()
+
+
+def pick_policies(history: list[dict], levels: tuple[str, ...]) -> dict[str, dict]:
+    """For each level, the checkpoint whose return is closest to its fraction of the best."""
+    best = max(h["return"] for h in history)
+    return {
+        level: min(history, key=lambda h: abs(h["return"] - LEVEL_FRACTIONS[level] * best))
+        for level in levels
+    }
+
+
+def rollout(
+    algo, env, trajectories: int, max_steps: int, sample_probability: float, seed: int
+) -> dict[str, np.ndarray]:
+    """Trajectories in NeoRL's layout: the policy mean with probability 1 - sample_probability,
+    a sampled action otherwise."""
+    rng = np.random.default_rng(seed)
+    columns: dict[str, list] = {k: [] for k in ("obs", "next_obs", "action", "reward", "done")}
+    starts = []
+    for trajectory in tqdm(range(trajectories), desc="trajectories", unit="traj"):
+        obs, _ = env.reset(seed=seed + trajectory)
+        starts.append(len(columns["obs"]))
+        for _ in range(max_steps):
+            if rng.random() < sample_probability:
+                action = algo.sample_action(obs[None])[0]
+            else:
+                action = algo.predict(obs[None])[0]
+            next_obs, reward, terminated, truncated, _ = env.step(action)
+            for key, value in zip(columns, (obs, next_obs, action, [reward], terminated)):
+                columns[key].append(value)
+            obs = next_obs
+            if terminated or truncated:
+                break
+    data = {k: np.asarray(v, dtype=np.float32) for k, v in columns.items()}
+    data["done"] = data["done"].astype(bool)[:, None]
+    data["index"] = np.asarray(starts[1:], dtype=np.float32)  # NeoRL drops the leading 0
+    return data
+
+
+def collect(config: CollectConfig) -> dict:
+    """Run the whole protocol; returns (and writes to ``collect.json``) what was made."""
+    folder = Path(config.out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    history = train_behaviour_policies(config, folder)
+    chosen = pick_policies(history, config.levels)
+    task = config.env
+    record = {"config": dataclasses.asdict(config), "sac_checkpoints": history, "datasets": {}}
+    for level, checkpoint in chosen.items():
+        algo = d3rlpy.load_learnable(str(folder / checkpoint["path"]))
+        for offset, (split, count) in enumerate(
+            [("train", config.train_trajectories), ("val", config.val_trajectories)]
+        ):
+            name = f"{task}-{level}-{count}-{split}.npz"
+            path = folder / name
+            if not path.is_file():
+                env = make_env(task)
+                seed = config.seed + 1_000_000 * (1 + offset) + 100_000 * config.levels.index(level)
+                data = rollout(algo, env, count, config.max_episode_steps,
+                               config.sample_probability, seed)
+                _atomic_write(path, lambda f, d=data: np.savez_compressed(f, **d))
+            returns = read_neorl_file(path).returns()
+            record["datasets"][name] = {
+                "level": level, "policy_step": checkpoint["step"],
+                "policy_return": checkpoint["return"], "trajectories": int(len(returns)),
+                "mean_return": float(returns.mean()), "std_return": float(returns.std()),
+            }
+            print(f"{name}: {len(returns)} trajectories, return {returns.mean():.1f} "
+                  f"+- {returns.std():.1f} (policy at SAC step {checkpoint['step']})")
+    record["seconds"] = time.perf_counter() - started
+    _atomic_write(folder / "collect.json", lambda f: f.write(json.dumps(record, indent=1).encode()))
+    return record
