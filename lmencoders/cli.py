@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 
-from .backbone import DEFAULT_MODEL, POOLINGS
+from .backbone import DEFAULT_MODEL, POOLINGS, TUNING_MODES
 
 
 def _precompute(args: argparse.Namespace) -> int:
@@ -50,18 +51,94 @@ def _collect(args: argparse.Namespace) -> int:
     from .collect import CollectConfig, collect
 
     config = CollectConfig(
-        env=args.env, out_dir=args.out, sac_steps=args.sac_steps,
-        checkpoint_every=args.checkpoint_every, eval_episodes=args.eval_episodes,
-        levels=tuple(args.levels), train_trajectories=args.train, val_trajectories=args.val,
-        max_episode_steps=args.max_episode_steps, seed=args.seed,
+        env=args.env,
+        out_dir=args.out,
+        sac_steps=args.sac_steps,
+        checkpoint_every=args.checkpoint_every,
+        eval_episodes=args.eval_episodes,
+        levels=tuple(args.levels),
+        train_trajectories=args.train,
+        val_trajectories=args.val,
+        max_episode_steps=args.max_episode_steps,
+        seed=args.seed,
     )
     record = collect(config)
     print(f"done in {record['seconds']:.0f} s; record: {Path(args.out) / 'collect.json'}")
     return 0
 
 
+def _describe(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .backbone import language_model
+    from .datasets import read_observations
+    from .description import load_description
+    from .envs import make_env
+
+    description = load_description(args.description)
+    if args.dataset:
+        observations = read_observations(args.dataset)[: args.rows]
+    else:
+        env = make_env(args.env)
+        first, _ = env.reset(seed=args.seed)
+        observations = np.asarray([first])
+    tokenizer = language_model(args.model).tokenizer
+    for text in description.format(observations):
+        count = len(tokenizer(text)["input_ids"])
+        print(f"{text}\n({count} tokens with {args.model})")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    result = train(
+        TrainConfig(
+            dataset=args.dataset or "",
+            train_num=args.train_num,
+            algo=args.algo,
+            encoder=args.encoder,
+            tuning=args.tuning,
+            model=args.model,
+            description=args.description,
+            env=args.env,
+            steps=args.steps,
+            eval_every=args.eval_every,
+            eval_episodes=args.eval_episodes,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            device=args.device,
+            out_dir=args.out,
+            tensorboard=not args.no_tensorboard,
+        )
+    )
+    print(_evaluation_line(result["evaluation"]))
+    print(f"model: {result['model']}")
+    return 0
+
+
+def _evaluation_line(evaluation: dict) -> str:
+    score = evaluation["normalized_score"]
+    normalized = f", normalised score {score:.1f}" if score is not None else ""
+    return (
+        f"evaluated return on {evaluation['env']} over {evaluation['episodes']} episodes: "
+        f"{evaluation['mean_return']:.1f} +- {evaluation['std_return']:.1f}{normalized}"
+    )
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import d3rlpy
+
+    from .train import evaluate
+
+    algo = d3rlpy.load_learnable(args.model_file, device=args.device)
+    print(_evaluation_line(evaluate(algo, args.env, args.episodes, args.seed)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmencoders", description=__doc__)
+    parser.add_argument("--verbose", action="store_true", help="show d3rlpy's log lines")
     commands = parser.add_subparsers(dest="command", required=True)
 
     pre = commands.add_parser(
@@ -95,13 +172,60 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("--sac-steps", type=int, default=100_000)
     col.add_argument("--checkpoint-every", type=int, default=5_000)
     col.add_argument("--eval-episodes", type=int, default=5)
-    col.add_argument("--levels", nargs="+", default=["low", "medium", "high"],
-                     choices=["low", "medium", "high"])
+    col.add_argument(
+        "--levels", nargs="+", default=["low", "medium", "high"], choices=["low", "medium", "high"]
+    )
     col.add_argument("--train", type=int, default=100, help="train trajectories per level")
     col.add_argument("--val", type=int, default=10, help="val trajectories per level")
     col.add_argument("--max-episode-steps", type=int, default=1000)
     col.add_argument("--seed", type=int, default=0)
     col.set_defaults(run=_collect)
+
+    des = commands.add_parser(
+        "describe", help="print the text an observation becomes, and its token count"
+    )
+    des.add_argument("--description", required=True, help="shipped name or YAML path")
+    des.add_argument("--dataset", help="take observations from this .npz/.h5 file")
+    des.add_argument("--rows", type=int, default=1, help="how many dataset rows")
+    des.add_argument("--env", default="Hopper-v5", help="else: the first observation of this env")
+    des.add_argument("--model", default=DEFAULT_MODEL, help="tokenizer that counts tokens")
+    des.add_argument("--seed", type=int, default=0)
+    des.set_defaults(run=_describe)
+
+    from .train import ALGORITHMS
+
+    tra = commands.add_parser(
+        "train",
+        help="train an offline RL agent on a NeoRL-layout dataset and evaluate it",
+        description="Train with d3rlpy (file and tensorboard logs under --out), save the model, "
+        "evaluate it in its environment. Defaults: TD3+BC with the frozen MiniLM encoder on the "
+        "Hopper-v5 'low' dataset that ships with lmencoders.",
+    )
+    tra.add_argument("--dataset", help="NeoRL-layout .npz (default: the shipped Hopper dataset)")
+    tra.add_argument("--train-num", type=int, help="keep only the first trajectories")
+    tra.add_argument("--algo", default="td3+bc", choices=sorted(ALGORITHMS))
+    tra.add_argument("--encoder", default="lm", choices=["lm", "vector"])
+    tra.add_argument("--tuning", default="frozen", choices=sorted(TUNING_MODES))
+    tra.add_argument("--model", default=DEFAULT_MODEL)
+    tra.add_argument("--description", help="default: the task's shipped description")
+    tra.add_argument("--env", help="evaluation env (default: from the dataset file name)")
+    tra.add_argument("--steps", type=int, default=5_000)
+    tra.add_argument("--eval-every", type=int, default=0, help="steps between evaluations")
+    tra.add_argument("--eval-episodes", type=int, default=5)
+    tra.add_argument("--batch-size", type=int, default=256)
+    tra.add_argument("--seed", type=int, default=0)
+    tra.add_argument("--device", default="cpu")
+    tra.add_argument("--out", default="runs", help="logs, model.d3 and result.json go here")
+    tra.add_argument("--no-tensorboard", action="store_true")
+    tra.set_defaults(run=_train)
+
+    eva = commands.add_parser("evaluate", help="evaluate a saved model in its environment")
+    eva.add_argument("model_file", help="a .d3 file (d3rlpy.load_learnable)")
+    eva.add_argument("--env", required=True, help="NeoRL task or gymnasium id, e.g. Hopper-v5")
+    eva.add_argument("--episodes", type=int, default=10)
+    eva.add_argument("--seed", type=int, default=0)
+    eva.add_argument("--device", default="cpu")
+    eva.set_defaults(run=_evaluate)
     return parser
 
 
@@ -109,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import LMEncodersError
 
     args = build_parser().parse_args(argv)
+    if not args.verbose:  # d3rlpy logs every config and epoch through structlog
+        import structlog
+
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     try:
         return args.run(args)
     except LMEncodersError as exc:

@@ -84,9 +84,16 @@ def train_behaviour_policies(config: CollectConfig, folder: Path) -> list[dict]:
     history = []
     for step in range(config.checkpoint_every, config.sac_steps + 1, config.checkpoint_every):
         sac.fit_online(
-            env, buffer, n_steps=config.checkpoint_every, n_steps_per_epoch=config.checkpoint_every,
-            random_steps=min(5_000, config.checkpoint_every) if step == config.checkpoint_every else 0, save_interval=10**9,
-            logger_adapter=d3rlpy.logging.NoopAdapterFactory(), show_progress=True,
+            env,
+            buffer,
+            n_steps=config.checkpoint_every,
+            n_steps_per_epoch=config.checkpoint_every,
+            random_steps=min(5_000, config.checkpoint_every)
+            if step == config.checkpoint_every
+            else 0,
+            save_interval=10**9,
+            logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
+            show_progress=True,
         )
         path = folder / "policies" / f"sac-{step}.d3"
         _atomic_write(path, lambda f, algo=sac: f.write(_dump(algo)))
@@ -159,17 +166,23 @@ def collect(config: CollectConfig) -> dict:
             if not path.is_file():
                 env = make_env(task)
                 seed = config.seed + 1_000_000 * (1 + offset) + 100_000 * config.levels.index(level)
-                data = rollout(algo, env, count, config.max_episode_steps,
-                               config.sample_probability, seed)
+                data = rollout(
+                    algo, env, count, config.max_episode_steps, config.sample_probability, seed
+                )
                 _atomic_write(path, lambda f, d=data: np.savez_compressed(f, **d))
             returns = read_neorl_file(path).returns()
             record["datasets"][name] = {
-                "level": level, "policy_step": checkpoint["step"],
-                "policy_return": checkpoint["return"], "trajectories": int(len(returns)),
-                "mean_return": float(returns.mean()), "std_return": float(returns.std()),
+                "level": level,
+                "policy_step": checkpoint["step"],
+                "policy_return": checkpoint["return"],
+                "trajectories": int(len(returns)),
+                "mean_return": float(returns.mean()),
+                "std_return": float(returns.std()),
             }
-            print(f"{name}: {len(returns)} trajectories, return {returns.mean():.1f} "
-                  f"+- {returns.std():.1f} (policy at SAC step {checkpoint['step']})")
+            print(
+                f"{name}: {len(returns)} trajectories, return {returns.mean():.1f} "
+                f"+- {returns.std():.1f} (policy at SAC step {checkpoint['step']})"
+            )
     record["seconds"] = time.perf_counter() - started
     _atomic_write(folder / "collect.json", lambda f: f.write(json.dumps(record, indent=1).encode()))
     return record

@@ -46,7 +46,7 @@ def neorl_md5_index() -> dict[str, str]:
 
 
 def neorl_file_name(task: str, level: str, size: int, split: str = "train") -> str:
-    """The NeoRL file name, e.g. ``("Hopper-v3", "low", 99)`` -> ``Hopper-v3-low-100-train-noise.npz``."""
+    """NeoRL's file name: ``("Hopper-v3", "low", 99)`` -> ``Hopper-v3-low-100-train-noise.npz``."""
     if level not in LEVELS:
         raise ValueError(f"unknown level {level!r}; choose one of {LEVELS}")
     if split not in ("train", "val"):
@@ -91,7 +91,9 @@ class NeoRLData:
                 f"{self.source}: asked for {trajectories} trajectories, the file has "
                 f"{self.num_trajectories}"
             )
-        end = int(self.index[trajectories]) if trajectories < self.num_trajectories else len(self.obs)
+        end = (
+            int(self.index[trajectories]) if trajectories < self.num_trajectories else len(self.obs)
+        )
         arrays = {k: getattr(self, k)[:end] for k in KEYS if k != "index"}
         return NeoRLData(**arrays, index=self.index[:trajectories], source=self.source)
 
@@ -133,7 +135,9 @@ def read_neorl_file(path: str | Path, verify: bool = True) -> NeoRLData:
         if len(arrays[key]) != n:
             raise DatasetFileError(f"{path}: '{key}' has {len(arrays[key])} rows, 'obs' has {n}")
     if arrays["reward"].ndim != 2:
-        raise DatasetFileError(f"{path}: 'reward' must have shape (N, 1), got {arrays['reward'].shape}")
+        raise DatasetFileError(
+            f"{path}: 'reward' must have shape (N, 1), got {arrays['reward'].shape}"
+        )
     index = np.concatenate([[0], arrays["index"].reshape(-1)]).astype(np.int64)
     if (np.diff(index) <= 0).any() or index[-1] >= max(n, 1):
         raise DatasetFileError(f"{path}: 'index' is not increasing within 0..{n - 1}")
@@ -168,11 +172,17 @@ def load_neorl(
                 "give data_dir= (a folder with NeoRL's .npz files); Polixir's neorl package is "
                 "not installed (the PyPI package named neorl is an unrelated project)"
             )
-        train, val = neorl.make(task).get_dataset(data_type=level, train_num=train_num, need_val=True)
-        as_data = [NeoRLData(**{k: np.asarray(d[k]) for k in KEYS}, source="neorl") for d in (train, val)]
+        train, val = neorl.make(task).get_dataset(
+            data_type=level, train_num=train_num, need_val=True
+        )
+        as_data = [
+            NeoRLData(**{k: np.asarray(d[k]) for k in KEYS}, source="neorl") for d in (train, val)
+        ]
         return tuple(as_data) if need_val else as_data[0]
     folder = Path(data_dir)
-    train = read_neorl_file(folder / neorl_file_name(task, level, train_num), verify).first(train_num)
+    train = read_neorl_file(folder / neorl_file_name(task, level, train_num), verify).first(
+        train_num
+    )
     if not need_val:
         return train
     val_size = {99: 10, 100: 10, 999: 100, 1000: 100, 9999: 1000, 10000: 1000}.get(train_num, 10)

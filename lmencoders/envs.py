@@ -13,6 +13,7 @@ import numpy as np
 __all__ = [
     "TASKS",
     "make_env",
+    "description_for",
     "FinRLEnv",
     "default_market_file",
     "normalized_score",
@@ -40,9 +41,23 @@ def make_env(task: str, **kwargs) -> gym.Env:
     return gym.make(env_id, **kwargs)
 
 
+def description_for(task: str) -> str:
+    """The shipped description of a task's observations (MuJoCo tasks in NeoRL's layout)."""
+    if task in TASKS:
+        return TASKS[task][1]
+    family = task.split("-")[0].lower()
+    if family in ("hopper", "walker2d", "halfcheetah"):
+        return family
+    raise ValueError(f"no shipped description for {task!r}: pass description= explicitly")
+
+
 def normalized_score(task: str, raw_return: float) -> float | None:
-    """100 * (return - random) / (expert - random) with NeoRL's references, if it has them."""
-    refs = TASKS.get(task, (None, None, None))[2]
+    """100 * (return - random) / (expert - random) with NeoRL's references, if it has them.
+
+    Gymnasium v5 MuJoCo tasks use the references of NeoRL's v3 tasks (same robots; v5 fixes
+    details of the simulation, so treat such scores as approximate)."""
+    v3 = {gym_id: name for name, (gym_id, _, _) in TASKS.items() if gym_id}
+    refs = TASKS.get(v3.get(task, task), (None, None, None))[2]
     if refs is None:
         return None
     random, expert = refs

@@ -1,0 +1,119 @@
+"""The command line: collect -> train -> evaluate, and describe (tiny sizes, real MuJoCo)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lmencoders.cli import main
+from lmencoders.collect import pick_policies
+from lmencoders.datasets import read_neorl_file
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory):
+    out = tmp_path_factory.mktemp("collect")
+    args = [
+        "collect",
+        "--env",
+        "Hopper-v5",
+        "--out",
+        str(out),
+        "--sac-steps",
+        "400",
+        "--checkpoint-every",
+        "200",
+        "--eval-episodes",
+        "1",
+        "--levels",
+        "low",
+        "high",
+        "--train",
+        "3",
+        "--val",
+        "1",
+        "--max-episode-steps",
+        "30",
+    ]
+    assert main(args) == 0
+    return out, args
+
+
+def test_collect_writes_neorl_files_and_a_record(collected):
+    out, _ = collected
+    record = json.loads((out / "collect.json").read_text())
+    assert [c["step"] for c in record["sac_checkpoints"]] == [200, 400]
+    for name in [
+        "Hopper-v5-low-3-train.npz",
+        "Hopper-v5-low-1-val.npz",
+        "Hopper-v5-high-3-train.npz",
+        "Hopper-v5-high-1-val.npz",
+    ]:
+        data = read_neorl_file(out / name)
+        assert data.obs.shape[1] == 12 and data.reward.shape[1] == 1  # NeoRL layout
+        assert record["datasets"][name]["mean_return"] == pytest.approx(data.returns().mean())
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_collect_skips_finished_stages(collected):
+    out, args = collected
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.npz")}
+    stamps |= {p: p.stat().st_mtime_ns for p in out.rglob("*.d3")}
+    assert main(args) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+def test_policies_are_picked_at_their_fraction_of_the_best_return():
+    history = [
+        {"step": s, "return": r} for s, r in [(1, 90), (2, 260), (3, 480), (4, 1000), (5, 760)]
+    ]
+    picked = pick_policies(history, ("low", "medium", "high"))
+    assert {k: v["step"] for k, v in picked.items()} == {"low": 2, "medium": 3, "high": 5}
+
+
+def test_train_then_evaluate(collected, tiny_lm, tmp_path, capsys):
+    out, _ = collected
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                str(out / "Hopper-v5-low-3-train.npz"),
+                "--model",
+                tiny_lm,
+                "--steps",
+                "20",
+                "--eval-every",
+                "10",
+                "--eval-episodes",
+                "1",
+                "--batch-size",
+                "16",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "evaluated return on Hopper-v5 over 1 episodes" in printed
+    [result_file] = list(tmp_path.rglob("result.json"))
+    result = json.loads(result_file.read_text())
+    assert np.isfinite(result["evaluation"]["mean_return"])
+    assert (tmp_path / "tensorboard").is_dir()
+    assert main(["evaluate", result["model"], "--env", "Hopper-v5", "--episodes", "1"]) == 0
+    assert "normalised score" in capsys.readouterr().out
+
+
+def test_describe_prints_text_and_token_count(tiny_lm, capsys):
+    assert main(["describe", "--description", "hopper", "--model", tiny_lm]) == 0
+    text, count = capsys.readouterr().out.strip().splitlines()
+    assert text.startswith("x position: ") and count.startswith("(") and "tokens" in count
+
+
+def test_bad_input_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "x.npz").write_bytes(b"not a zip")
+    assert main(["precompute", str(tmp_path / "x.npz"), "--description", "hopper"]) == 2
+    assert "x.npz: unreadable .npz file" in capsys.readouterr().err
