@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .datasets import read_neorl_file
-from .envs import make_env
+from .envs import episode_returns, make_env
 
 __all__ = ["CollectConfig", "collect", "rollout"]
 
@@ -58,19 +58,6 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def _evaluate(algo, env, episodes: int, seed: int) -> float:
-    returns = []
-    for episode in range(episodes):
-        obs, _ = env.reset(seed=seed + episode)
-        total, done = 0.0, False
-        while not done:
-            obs, reward, terminated, truncated, _ = env.step(algo.predict(obs[None])[0])
-            total += float(reward)
-            done = terminated or truncated
-        returns.append(total)
-    return float(np.mean(returns))
-
-
 def train_behaviour_policies(config: CollectConfig, folder: Path) -> list[dict]:
     """SAC online, one saved policy and its mean return per ``checkpoint_every`` steps."""
     log_path = folder / "sac-checkpoints.json"
@@ -97,7 +84,8 @@ def train_behaviour_policies(config: CollectConfig, folder: Path) -> list[dict]:
         )
         path = folder / "policies" / f"sac-{step}.d3"
         _atomic_write(path, lambda f, algo=sac: f.write(_dump(algo)))
-        score = _evaluate(sac, eval_env, config.eval_episodes, seed=10_000)
+        act = lambda obs, algo=sac: algo.predict(obs[None])[0]  # noqa: E731
+        score = float(np.mean(episode_returns(act, eval_env, config.eval_episodes, seed=10_000)))
         history.append({"step": step, "return": score, "path": str(path.relative_to(folder))})
         print(f"SAC step {step}: mean return {score:.1f}", flush=True)
     _atomic_write(log_path, lambda f: f.write(json.dumps(history, indent=1).encode()))

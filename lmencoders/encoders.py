@@ -8,7 +8,9 @@ The only module that knows d3rlpy. Invariants (each has a test):
 - Encoders register only what they train (head, and the LM tensors of the tuning mode) and a
   buffer with the sha256 of the LM weights, checked when a checkpoint is loaded.
 - The text is written from raw observations: give the factory the same ``observation_scaler``
-  object as the algorithm and the encoder undoes the scaling before formatting.
+  object as the algorithm. Frozen encoders find stored rows by the exact bits of their scaled
+  form; other inputs are unscaled before formatting (float32 unscaling keeps ~7 significant
+  digits, so a tuned LM reads e.g. a FinRL balance of 1e6 to within ~0.1).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ normalised scores with NeoRL's reference returns."""
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 __all__ = [
     "TASKS",
     "make_env",
+    "episode_returns",
     "description_for",
     "FinRLEnv",
     "default_market_file",
@@ -39,6 +41,22 @@ def make_env(task: str, **kwargs) -> gym.Env:
     if env_id.split("-")[0] in ("Hopper", "Walker2d", "HalfCheetah"):
         kwargs.setdefault("exclude_current_positions_from_observation", False)
     return gym.make(env_id, **kwargs)
+
+
+def episode_returns(
+    act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int = 0
+) -> list[float]:
+    """Undiscounted returns of ``episodes`` episodes (reset seeds ``seed``, ``seed + 1``...)."""
+    returns = []
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        total, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(act(obs))
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    return returns
 
 
 def description_for(task: str) -> str:

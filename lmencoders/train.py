@@ -14,7 +14,7 @@ import numpy as np
 from .backbone import DEFAULT_MODEL
 from .datasets import read_neorl_file, to_mdp_dataset
 from .encoders import LMEncoderFactory
-from .envs import description_for, make_env, normalized_score
+from .envs import description_for, episode_returns, make_env, normalized_score
 
 __all__ = ["ALGORITHMS", "TrainConfig", "train", "evaluate", "shipped_dataset", "task_of_file"]
 
@@ -86,16 +86,9 @@ def _algorithm(config: TrainConfig, description: str):
 def evaluate(algo, env_name: str, episodes: int, seed: int = 0) -> dict:
     """Mean and std of the return over ``episodes`` (seeded resets), and NeoRL's normalised
     score where NeoRL has references."""
-    env = make_env(env_name)
-    returns = []
-    for episode in range(episodes):
-        obs, _ = env.reset(seed=seed + episode)
-        total, done = 0.0, False
-        while not done:
-            obs, reward, terminated, truncated, _ = env.step(algo.predict(obs[None])[0])
-            total += float(reward)
-            done = terminated or truncated
-        returns.append(total)
+    returns = episode_returns(
+        lambda obs: algo.predict(obs[None])[0], make_env(env_name), episodes, seed
+    )
     mean = float(np.mean(returns))
     return {
         "env": env_name,

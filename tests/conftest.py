@@ -41,6 +41,22 @@ def feature_cache_dir(tmp_path_factory):
         os.environ["LMENCODERS_CACHE"] = previous
 
 
+@pytest.fixture
+def lm_texts(monkeypatch) -> list[int]:
+    """Texts per LM call (a spy on LanguageModel.encode that calls through)."""
+    from lmencoders.backbone import LanguageModel
+
+    seen: list[int] = []
+    original = LanguageModel.encode
+
+    def counting(self, segments, *args, **kwargs):
+        seen.append(len(segments))
+        return original(self, segments, *args, **kwargs)
+
+    monkeypatch.setattr(LanguageModel, "encode", counting)
+    return seen
+
+
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = ["position", "angle", "velocity", "angular", "thigh", "leg", "foot", "torso", "rad"]
 

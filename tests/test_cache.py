@@ -6,43 +6,28 @@ import numpy as np
 import pytest
 
 import lmencoders
-from lmencoders.backbone import LanguageModel
 from lmencoders.features import clear_feature_caches, precompute_features
-
-
-@pytest.fixture
-def lm_rows(monkeypatch):
-    """How many texts reach the LM (a spy that calls through)."""
-    seen: list[int] = []
-    original = LanguageModel.encode
-
-    def counting(self, segments, *args, **kwargs):
-        seen.append(len(segments))
-        return original(self, segments, *args, **kwargs)
-
-    monkeypatch.setattr(LanguageModel, "encode", counting)
-    return seen
 
 
 def observations(n=30, seed=0):
     return np.random.default_rng(seed).standard_normal((n, 12))
 
 
-def test_second_process_reads_features_from_disk(tiny_lm, tmp_path, lm_rows):
+def test_second_process_reads_features_from_disk(tiny_lm, tmp_path, lm_texts):
     obs = np.concatenate([observations(), observations()[:5]])
     first = precompute_features(
         obs, "hopper", model=tiny_lm, cache_dir=tmp_path, show_progress=False
     )
     assert (first.source, first.unique, first.observations) == ("computed", 30, 35)
-    assert first.path.is_file() and lm_rows == [30]
+    assert first.path.is_file() and lm_texts == [30]
     expected = lmencoders.embed_observations(obs, "hopper", model=tiny_lm, show_progress=False)
     clear_feature_caches()  # as a new process would start
     second = precompute_features(
         obs[::-1], "hopper", model=tiny_lm, cache_dir=tmp_path, show_progress=False
     )
-    assert second.source == "disk" and second.path == first.path and lm_rows == [30]
+    assert second.source == "disk" and second.path == first.path and lm_texts == [30]
     again = lmencoders.embed_observations(obs, "hopper", model=tiny_lm, show_progress=False)
-    assert np.array_equal(again, expected) and lm_rows == [30]
+    assert np.array_equal(again, expected) and lm_texts == [30]
 
 
 def test_other_data_description_or_pooling_use_other_files(tiny_lm, tmp_path):
@@ -63,7 +48,7 @@ def test_other_data_description_or_pooling_use_other_files(tiny_lm, tmp_path):
     assert len({a.path, b.path, c.path}) == 3
 
 
-def test_corrupt_cache_is_rebuilt_never_used(tiny_lm, tmp_path, lm_rows):
+def test_corrupt_cache_is_rebuilt_never_used(tiny_lm, tmp_path, lm_texts):
     report = precompute_features(
         observations(), "hopper", model=tiny_lm, cache_dir=tmp_path, show_progress=False
     )
@@ -75,7 +60,7 @@ def test_corrupt_cache_is_rebuilt_never_used(tiny_lm, tmp_path, lm_rows):
         again = precompute_features(
             observations(), "hopper", model=tiny_lm, cache_dir=tmp_path, show_progress=False
         )
-    assert again.source == "computed" and lm_rows == [30, 30]
+    assert again.source == "computed" and lm_texts == [30, 30]
     restored = dict(np.load(report.path))
     assert np.allclose(restored["features"], data["features"] - 1.0, atol=1e-6)
 

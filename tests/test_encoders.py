@@ -13,16 +13,8 @@ import lmencoders
 from lmencoders import DescriptionError, LMEncoderFactory, ModelMismatchError
 from lmencoders.backbone import Frozen, clear_loaded_models, language_model, loaded_bodies
 from lmencoders.features import clear_feature_caches
+from lmencoders.train import ALGORITHMS
 
-ALGORITHMS = {
-    "td3+bc": d3rlpy.algos.TD3PlusBCConfig,
-    "cql": d3rlpy.algos.CQLConfig,
-    "iql": d3rlpy.algos.IQLConfig,
-    "bcq": d3rlpy.algos.BCQConfig,
-    "plas": d3rlpy.algos.PLASConfig,
-    "bc": d3rlpy.algos.BCConfig,
-    "awac": d3rlpy.algos.AWACConfig,
-}
 TUNINGS = ["frozen", "ln_embed", "lora", "full"]
 
 
@@ -249,21 +241,9 @@ def test_bodies_are_shared_across_tuning_modes(tiny_lm):
     assert lmencoders.LMEncoderFactory.get_type() == "lm"
 
 
-def count_lm_passes(monkeypatch) -> list[int]:
-    seen: list[int] = []
-    lm_class = type(next(iter(loaded_bodies())))
-    original = lm_class.encode
-    monkeypatch.setattr(
-        lm_class,
-        "encode",
-        lambda self, seg, *a, **k: seen.append(len(seg)) or original(self, seg, *a, **k),
-    )
-    return seen
-
-
 @pytest.mark.parametrize("share, passes", [(False, 65), (True, 40)])
 def test_critics_sharing_an_encoder_run_the_lm_once_per_batch(
-    share, passes, tiny_lm, hopper_dataset, monkeypatch
+    share, passes, tiny_lm, hopper_dataset, lm_texts
 ):
     algo = build(
         ALGORITHMS["td3+bc"],
@@ -271,11 +251,11 @@ def test_critics_sharing_an_encoder_run_the_lm_once_per_batch(
         q_func_factory=d3rlpy.models.MeanQFunctionFactory(share_encoder=share),
     )
     algo.build_with_dataset(hopper_dataset)
-    seen = count_lm_passes(monkeypatch)
+    lm_texts.clear()
     fit(algo, hopper_dataset, steps=10)
     # TD3+BC per update: critic step 5 encoder calls (target policy, 2 target critics, 2
     # critics), actor step every 2nd update 3 more; shared critics: 3 + 1 of those are one pass.
-    assert len(seen) == passes
+    assert len(lm_texts) == passes
 
 
 def test_unreachable_tokens_are_an_error_not_a_silently_frozen_row(tiny_lm):

@@ -1,11 +1,9 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 import lmencoders
 from lmencoders import table as table_module
-from lmencoders.backbone import LanguageModel
 from lmencoders.table import FeatureTable
 
 
@@ -71,26 +69,13 @@ def test_table_respects_its_row_limit():
     assert len(table) == 3
 
 
-@pytest.fixture
-def count_lm_texts(monkeypatch):
-    seen: list[int] = []
-    original = LanguageModel.encode
-
-    def counting(self, segments, *args, **kwargs):
-        seen.append(len(segments))
-        return original(self, segments, *args, **kwargs)
-
-    monkeypatch.setattr(LanguageModel, "encode", counting)
-    return seen
-
-
-def test_embed_observations_runs_the_lm_once_per_distinct_observation(tiny_lm, count_lm_texts):
+def test_embed_observations_runs_the_lm_once_per_distinct_observation(tiny_lm, lm_texts):
     obs = np.random.default_rng(1).standard_normal((40, 12))
     batch = np.concatenate([obs, obs[:10]])
     first = lmencoders.embed_observations(batch, "hopper", model=tiny_lm, show_progress=False)
-    assert count_lm_texts == [40]
+    assert lm_texts == [40]
     again = lmencoders.embed_observations(obs[::-1], "hopper", model=tiny_lm, show_progress=False)
-    assert count_lm_texts == [40]
+    assert lm_texts == [40]
     assert np.array_equal(again, first[:40][::-1])
     assert np.array_equal(first[40:], first[:10])
 

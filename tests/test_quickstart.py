@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -35,3 +36,30 @@ def test_quickstart_trains_saves_reloads_and_evaluates(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"evaluated return of the reloaded policy .*: -?\d+\.\d", result.stdout)
     assert (tmp_path / "q.d3").stat().st_size < 10_000_000  # an LM copy alone is 87 MB
+
+
+@pytest.mark.slow
+def test_readme_main_command_trains_on_the_shipped_dataset(tmp_path):
+    """`lmencoders train` with its defaults (fewer steps): shipped data, frozen MiniLM, TD3+BC."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lmencoders",
+            "train",
+            "--steps",
+            "100",
+            "--eval-episodes",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=tmp_path,
+        env=dict(os.environ, LMENCODERS_CACHE=str(tmp_path / "cache")),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"evaluated return on Hopper-v5 over 1 episodes: -?\d+\.\d", result.stdout)
+    assert "normalised score" in result.stdout
