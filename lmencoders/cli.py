@@ -136,6 +136,47 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from .experiments import ExperimentConfig, run_experiment
+
+    config = ExperimentConfig(
+        datasets=args.datasets,
+        methods=args.methods,
+        seeds=args.seeds,
+        steps=args.steps,
+        eval_every=args.eval_every,
+        eval_episodes=args.eval_episodes,
+        batch_size=args.batch_size,
+        lm_batch_size=args.lm_batch_size,
+        device=args.device,
+        out_dir=args.out,
+        time_budget=args.time_budget,
+    )
+    log = Path(args.out) / "experiment.json"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    history = json.loads(log.read_text()) if log.is_file() else []
+    command = "lmencoders " + " ".join(args.argv)
+    history.append({"command": command, "config": dataclasses.asdict(config)})
+    log.write_text(json.dumps(history, indent=1))
+    counts = run_experiment(config)
+    print(
+        f"runs done {counts['done']}, already finished {counts['skipped']}, "
+        f"left for a later part {counts['left']}"
+    )
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .experiments import write_results
+
+    notes = Path(args.notes).read_text() if args.notes else ""
+    print(write_results(args.out, args.results, notes))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmencoders", description=__doc__)
     parser.add_argument("--verbose", action="store_true", help="show d3rlpy's log lines")
@@ -226,6 +267,36 @@ def build_parser() -> argparse.ArgumentParser:
     eva.add_argument("--seed", type=int, default=0)
     eva.add_argument("--device", default="cpu")
     eva.set_defaults(run=_evaluate)
+
+    from .experiments import METHODS
+
+    exp = commands.add_parser(
+        "experiment",
+        help="run the paper's grid (datasets x methods x seeds), resumable",
+        description="Runs every (dataset, method, seed) whose result is missing; finished runs "
+        "are skipped, so the grid can be done in parts (--time-budget).",
+    )
+    exp.add_argument("--datasets", nargs="+", required=True, help="NeoRL-layout .npz files")
+    exp.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    exp.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    exp.add_argument("--steps", type=int, default=5_000)
+    exp.add_argument("--eval-every", type=int, default=1_000)
+    exp.add_argument("--eval-episodes", type=int, default=5)
+    exp.add_argument("--batch-size", type=int, default=256)
+    exp.add_argument("--lm-batch-size", type=int, help="batch for tuned-LM runs")
+    exp.add_argument("--model", default=DEFAULT_MODEL)
+    exp.add_argument("--device", default="cpu")
+    exp.add_argument("--out", default="experiments")
+    exp.add_argument("--time-budget", type=float, help="seconds; no new run starts after it")
+    exp.set_defaults(run=_experiment, argv=None)
+
+    rep = commands.add_parser(
+        "report", help="results table, CSV and learning curves from an experiment folder"
+    )
+    rep.add_argument("--out", default="experiments", help="the experiment folder")
+    rep.add_argument("--results", default="RESULTS.md", help="Markdown file to write")
+    rep.add_argument("--notes", help="a Markdown file of comments to include")
+    rep.set_defaults(run=_report)
     return parser
 
 
@@ -233,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import LMEncodersError
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "argv", "missing") is None:
+        args.argv = list(argv) if argv is not None else sys.argv[1:]
     if not args.verbose:  # d3rlpy logs every config and epoch through structlog
         import structlog
 

@@ -16,7 +16,15 @@ from .datasets import read_neorl_file, to_mdp_dataset
 from .encoders import LMEncoderFactory
 from .envs import description_for, episode_returns, make_env, normalized_score
 
-__all__ = ["ALGORITHMS", "TrainConfig", "train", "evaluate", "shipped_dataset", "task_of_file"]
+__all__ = [
+    "ALGORITHMS",
+    "TrainConfig",
+    "train",
+    "evaluate",
+    "run_name",
+    "shipped_dataset",
+    "task_of_file",
+]
 
 ALGORITHMS = {
     "td3+bc": d3rlpy.algos.TD3PlusBCConfig,
@@ -61,6 +69,13 @@ class TrainConfig:
     device: str = "cpu"
     out_dir: str = "runs"
     tensorboard: bool = True
+
+
+def run_name(config: TrainConfig) -> str:
+    """The run's folder name: dataset, algorithm, encoder (and tuning), seed."""
+    path = Path(config.dataset) if config.dataset else shipped_dataset()
+    encoder = config.encoder + (f"-{config.tuning}" if config.encoder == "lm" else "")
+    return f"{path.stem}-{config.algo}-{encoder}-seed{config.seed}"
 
 
 def _algorithm(config: TrainConfig, description: str):
@@ -112,10 +127,7 @@ def train(config: TrainConfig) -> dict:
     description = config.description or description_for(env_name)
     d3rlpy.seed(config.seed)
     algo, factory = _algorithm(config, description)
-    name = f"{config.algo}-{config.encoder}" + (
-        f"-{config.tuning}" if config.encoder == "lm" else ""
-    )
-    name = f"{Path(path).stem}-{name}-seed{config.seed}"
+    name = run_name(config)
     out = Path(config.out_dir) / name
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

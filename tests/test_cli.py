@@ -117,3 +117,45 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "x.npz").write_bytes(b"not a zip")
     assert main(["precompute", str(tmp_path / "x.npz"), "--description", "hopper"]) == 2
     assert "x.npz: unreadable .npz file" in capsys.readouterr().err
+
+
+def test_experiment_runs_in_resumable_parts_and_reports(collected, tiny_lm, tmp_path, capsys):
+    out, _ = collected
+    dataset = str(out / "Hopper-v5-low-3-train.npz")
+    args = [
+        "experiment",
+        "--datasets",
+        dataset,
+        "--methods",
+        "BC",
+        "TD3+BC LM-No-Tune",
+        "--seeds",
+        "0",
+        "1",
+        "--steps",
+        "20",
+        "--eval-every",
+        "10",
+        "--eval-episodes",
+        "1",
+        "--batch-size",
+        "16",
+        "--model",
+        tiny_lm,
+        "--out",
+        str(tmp_path / "exp"),
+    ]
+    assert main(args + ["--time-budget", "0"]) == 0  # budget spent: nothing new starts
+    assert "runs done 0, already finished 0, left for a later part 4" in capsys.readouterr().out
+    assert main(args + ["--seeds", "0"]) == 0  # a first part
+    assert "runs done 2, already finished 0, left for a later part 0" in capsys.readouterr().out
+    assert main(args) == 0  # the rest; finished runs are skipped
+    assert "runs done 2, already finished 2, left for a later part 0" in capsys.readouterr().out
+    results = tmp_path / "RESULTS.md"
+    assert main(["report", "--out", str(tmp_path / "exp"), "--results", str(results)]) == 0
+    text = results.read_text()
+    assert "| Hopper-v5-low-3-train | BC |" in text and "TD3+BC LM-No-Tune" in text
+    assert "lmencoders experiment --datasets" in text  # the exact commands are recorded
+    assert (tmp_path / "results" / "curves-Hopper-v5-low-3-train.png").stat().st_size > 1000
+    rows = (tmp_path / "results" / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 4

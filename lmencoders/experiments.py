@@ -1,0 +1,284 @@
+"""The paper's comparison as a resumable grid: datasets x methods x seeds.
+
+Every run writes its own ``result.json`` (and d3rlpy's ``environment.csv`` learning curve); a
+run whose result exists is skipped, so the grid can be worked through in parts that each fit a
+session (``time_budget``), and the results merge by construction. ``report`` turns the run
+folders into ``results.csv``, a Markdown table (mean +- std over seeds, normalised where NeoRL
+has references) and learning-curve plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .backbone import DEFAULT_MODEL
+from .train import TrainConfig, run_name, train
+
+__all__ = ["METHODS", "PAPER_RESULTS", "ExperimentConfig", "run_experiment", "report"]
+
+# The paper's columns: method -> (algorithm, encoder, tuning)
+METHODS: dict[str, tuple[str, str, str]] = {
+    "BC": ("bc", "vector", "frozen"),
+    "CQL": ("cql", "vector", "frozen"),
+    "PLAS": ("plas", "vector", "frozen"),
+    "BCQ": ("bcq", "vector", "frozen"),
+    "TD3+BC": ("td3+bc", "vector", "frozen"),
+    "TD3+BC LM-Finetune": ("td3+bc", "lm", "ln_embed"),
+    "TD3+BC LM-No-Tune": ("td3+bc", "lm", "frozen"),
+}
+
+# Tarasov et al. (2022), raw returns on NeoRL v1 "low" datasets with 99 trajectories.
+PAPER_RESULTS: dict[str, dict[str, float]] = {
+    "Hopper": {
+        "BC": 515,
+        "CQL": 527,
+        "PLAS": 527,
+        "BCQ": 545,
+        "TD3+BC": 660,
+        "TD3+BC LM-Finetune": 762,
+        "TD3+BC LM-No-Tune": 654,
+    },
+    "Walker2d": {
+        "BC": 1749,
+        "CQL": 2370,
+        "PLAS": 42,
+        "BCQ": 1407,
+        "TD3+BC": 2480,
+        "TD3+BC LM-Finetune": 2669,
+        "TD3+BC LM-No-Tune": 2564,
+    },
+    "HalfCheetah": {
+        "BC": 3260,
+        "CQL": 3792,
+        "PLAS": 3451,
+        "BCQ": 3363,
+        "TD3+BC": 4171,
+        "TD3+BC LM-Finetune": 4084,
+        "TD3+BC LM-No-Tune": 4171,
+    },
+}
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    datasets: list[str]
+    methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    steps: int = 5_000
+    eval_every: int = 1_000
+    eval_episodes: int = 5
+    batch_size: int = 256
+    lm_batch_size: int | None = None  # batch for runs with a tuned LM (None: batch_size)
+    model: str = DEFAULT_MODEL
+    device: str = "cpu"
+    out_dir: str = "experiments"
+    time_budget: float | None = None  # seconds; no new run starts after it
+
+
+def _train_config(config: ExperimentConfig, dataset: str, method: str, seed: int) -> TrainConfig:
+    algo, encoder, tuning = METHODS[method]
+    tuned = encoder == "lm" and tuning != "frozen"
+    return TrainConfig(
+        dataset=dataset,
+        algo=algo,
+        encoder=encoder,
+        tuning=tuning,
+        steps=config.steps,
+        eval_every=config.eval_every,
+        eval_episodes=config.eval_episodes,
+        batch_size=(config.lm_batch_size or config.batch_size) if tuned else config.batch_size,
+        seed=seed,
+        device=config.device,
+        out_dir=str(Path(config.out_dir) / "runs"),
+        tensorboard=False,
+    )
+
+
+def run_experiment(config: ExperimentConfig) -> dict[str, int]:
+    """Run every missing (dataset, method, seed); returns counts of done/skipped/left runs."""
+    unknown = [m for m in config.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    started = time.perf_counter()
+    counts = {"done": 0, "skipped": 0, "left": 0}
+    runs = Path(config.out_dir) / "runs"
+    for dataset in config.datasets:
+        for seed in config.seeds:
+            for method in config.methods:
+                train_config = _train_config(config, dataset, method, seed)
+                if (runs / run_name(train_config) / "result.json").is_file():
+                    counts["skipped"] += 1
+                    continue
+                over = time.perf_counter() - started > (config.time_budget or 0)
+                if config.time_budget is not None and over:
+                    counts["left"] += 1
+                    continue
+                print(f"[{method}] {Path(dataset).name} seed {seed}", flush=True)
+                result = train(train_config)
+                evaluation = result["evaluation"]
+                print(
+                    f"  return {evaluation['mean_return']:.1f} in {result['train_seconds']:.0f} s",
+                    flush=True,
+                )
+                counts["done"] += 1
+    return counts
+
+
+def _method_of(result: dict) -> str:
+    c = result["config"]
+    for method, (algo, encoder, tuning) in METHODS.items():
+        if (c["algo"], c["encoder"]) == (algo, encoder) and (
+            encoder == "vector" or c["tuning"] == tuning
+        ):
+            return method
+    return f"{c['algo']}-{c['encoder']}-{c['tuning']}"
+
+
+def _learning_curve(run_dir: Path) -> list[tuple[int, float]]:
+    path = run_dir / "environment.csv"
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return [(int(row[1]), float(row[2])) for row in csv.reader(f) if len(row) >= 3]
+
+
+def report(out_dir: str | Path) -> str:
+    """``results.csv``, a Markdown table and ``curves-<dataset>.png`` from the run folders."""
+    out = Path(out_dir)
+    rows = []
+    for result_file in sorted((out / "runs").glob("*/result.json")):
+        result = json.loads(result_file.read_text())
+        evaluation = result["evaluation"]
+        rows.append(
+            {
+                "dataset": Path(result["config"]["dataset"]).stem,
+                "method": _method_of(result),
+                "seed": result["config"]["seed"],
+                "steps": result["config"]["steps"],
+                "batch_size": result["config"]["batch_size"],
+                "mean_return": evaluation["mean_return"],
+                "normalized_score": evaluation["normalized_score"],
+                "episodes": evaluation["episodes"],
+                "train_seconds": result["train_seconds"],
+                "run": result_file.parent.name,
+            }
+        )
+    if not rows:
+        raise FileNotFoundError(f"no finished runs under {out / 'runs'}")
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row["dataset"], row["method"])].append(row)
+    datasets = sorted({r["dataset"] for r in rows})
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    lines = [
+        "| dataset | method | return (mean +- std over seeds) | normalised | seeds | steps |",
+        "|---|---|---|---|---|---|",
+    ]
+    for dataset in datasets:
+        for method in methods:
+            group = groups.get((dataset, method))
+            if not group:
+                continue
+            returns = np.array([r["mean_return"] for r in group])
+            scores = [r["normalized_score"] for r in group if r["normalized_score"] is not None]
+            normalized = f"{np.mean(scores):.1f} +- {np.std(scores):.1f}" if scores else "-"
+            steps = sorted({r["steps"] for r in group})
+            lines.append(
+                f"| {dataset} | {method} | {returns.mean():.1f} +- {returns.std():.1f} | "
+                f"{normalized} | {len(group)} | {', '.join(map(str, steps))} |"
+            )
+    _plot_curves(out, rows)
+    return "\n".join(lines)
+
+
+def _plot_curves(out: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for dataset in sorted({r["dataset"] for r in rows}):
+        figure, axis = plt.subplots(figsize=(7, 4.5))
+        for method in METHODS:
+            curves = [
+                _learning_curve(out / "runs" / r["run"])
+                for r in rows
+                if r["dataset"] == dataset and r["method"] == method
+            ]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            length = min(len(c) for c in curves)
+            steps = [s for s, _ in curves[0][:length]]
+            values = np.array([[v for _, v in c[:length]] for c in curves])
+            axis.plot(steps, values.mean(0), label=f"{method} ({len(curves)} seeds)")
+            axis.fill_between(steps, values.min(0), values.max(0), alpha=0.15)
+        axis.set_xlabel("gradient steps")
+        axis.set_ylabel("evaluation return")
+        axis.set_title(dataset)
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(out / f"curves-{dataset}.png", dpi=110)
+        plt.close(figure)
+
+
+def _paper_table() -> str:
+    methods = list(METHODS)
+    lines = [
+        "| NeoRL v1 task (low, 99 trajectories) | " + " | ".join(methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
+    for task, scores in PAPER_RESULTS.items():
+        lines.append(f"| {task} | " + " | ".join(str(scores[m]) for m in methods) + " |")
+    return "\n".join(lines)
+
+
+def write_results(
+    out_dir: str | Path, results_file: str | Path = "RESULTS.md", notes: str = ""
+) -> str:
+    """Write ``RESULTS.md`` (table, commands, paper numbers) with its CSV and plots in a
+    ``results/`` folder beside it; returns the table."""
+    import shutil
+
+    out, target = Path(out_dir), Path(results_file)
+    table = report(out)
+    figures = target.parent / "results"
+    figures.mkdir(parents=True, exist_ok=True)
+    shutil.copy(out / "results.csv", figures / "results.csv")
+    plots = []
+    for png in sorted(out.glob("curves-*.png")):
+        shutil.copy(png, figures / png.name)
+        plots.append(f"![{png.stem}](results/{png.name})")
+    log = out / "experiment.json"
+    invocations = json.loads(log.read_text()) if log.is_file() else []
+    commands = "\n".join(dict.fromkeys(i["command"] for i in invocations)) or "(not recorded)"
+    text = (
+        "# Results: does language help offline RL?\n\n"
+        "Generated by `lmencoders report` from the run folders of `lmencoders experiment` "
+        "(do not edit the tables by hand).\n\n"
+        f"Commands that produced the runs:\n\n```\n{commands}\n```\n\n"
+        "Returns are undiscounted evaluation returns of the final policy (mean over the "
+        "evaluation episodes of a run), then mean +- std over seeds. Normalised scores use "
+        "NeoRL's random/expert references.\n\n"
+        f"{table}\n\n"
+        + "\n\n".join(plots)
+        + "\n\n"
+        + (f"{notes.strip()}\n\n" if notes else "")
+        + "## The paper's numbers, for comparison\n\n"
+        "Tarasov et al. (2022), Table 1: raw returns on NeoRL v1 datasets.\n\n"
+        f"{_paper_table()}\n"
+    )
+    target.write_text(text)
+    return table
