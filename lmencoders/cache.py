@@ -24,6 +24,11 @@ import numpy as np
 __all__ = ["CacheKey", "default_cache_dir", "save_features", "load_features", "dataset_sha256"]
 
 
+_umask = os.umask(0)
+os.umask(_umask)
+_FILE_MODE = 0o666 & ~_umask  # what open() would give; mkstemp's files are private (0600)
+
+
 def default_cache_dir() -> Path:
     """``$LMENCODERS_CACHE`` or ``~/.cache/lmencoders``."""
     root = os.environ.get("LMENCODERS_CACHE") or Path.home() / ".cache" / "lmencoders"
@@ -80,6 +85,7 @@ def save_features(
                 meta=np.array(meta),
                 checksum=np.array(_checksum(codes, features, raw)),
             )
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -62,7 +62,7 @@ def _collect(args: argparse.Namespace) -> int:
         max_episode_steps=args.max_episode_steps,
         seed=args.seed,
     )
-    record = collect(config)
+    record = collect(config, command="lmencoders " + " ".join(sys.argv[1:]))
     print(f"done in {record['seconds']:.0f} s; record: {Path(args.out) / 'collect.json'}")
     return 0
 
@@ -111,6 +111,14 @@ def _train(args: argparse.Namespace) -> int:
             out_dir=args.out,
             tensorboard=not args.no_tensorboard,
         )
+    )
+    config = result["config"]
+    print(
+        f"dataset {Path(config['dataset']).name}: {result['dataset_trajectories']} trajectories, "
+        f"mean return {result['dataset_mean_return']:.1f}\n"
+        f"trained {config['algo']} ({config['encoder']} encoder"
+        + (f", {config['tuning']} LM" if config["encoder"] == "lm" else "")
+        + f") for {config['steps']} steps in {result['train_seconds']:.0f} s"
     )
     print(_evaluation_line(result["evaluation"]))
     print(f"model: {result['model']}")

@@ -46,12 +46,18 @@ class CollectConfig:
     seed: int = 0
 
 
+_umask = os.umask(0)
+os.umask(_umask)
+_FILE_MODE = 0o666 & ~_umask  # what open() would give; mkstemp's files are private (0600)
+
+
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -135,7 +141,7 @@ def rollout(
     return data
 
 
-def collect(config: CollectConfig) -> dict:
+def collect(config: CollectConfig, command: str = "") -> dict:
     """Run the whole protocol; returns (and writes to ``collect.json``) what was made."""
     folder = Path(config.out_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -143,7 +149,12 @@ def collect(config: CollectConfig) -> dict:
     history = train_behaviour_policies(config, folder)
     chosen = pick_policies(history, config.levels)
     task = config.env
-    record = {"config": dataclasses.asdict(config), "sac_checkpoints": history, "datasets": {}}
+    record = {
+        "command": command,
+        "config": dataclasses.asdict(config),
+        "sac_checkpoints": history,
+        "datasets": {},
+    }
     for level, checkpoint in chosen.items():
         algo = d3rlpy.load_learnable(str(folder / checkpoint["path"]))
         for offset, (split, count) in enumerate(
