@@ -69,8 +69,10 @@ def main() -> None:
     d3rlpy.seed(args.seed)
     dataset = collect(args.episodes, args.max_steps, args.seed)
     returns = [float(ep.rewards.sum()) for ep in dataset.episodes]
-    print(f"dataset: {len(returns)} episodes, {dataset.transition_count} transitions, "
-          f"mean return {np.mean(returns):.1f}")
+    print(
+        f"dataset: {len(returns)} episodes, {dataset.transition_count} transitions, "
+        f"mean return {np.mean(returns):.1f}"
+    )
 
     scaler = d3rlpy.preprocessing.StandardObservationScaler()
     factory = lmencoders.LMEncoderFactory(
@@ -80,8 +82,10 @@ def main() -> None:
     print("example text:", first_text)
     if args.tuning == "frozen":
         report = factory.precompute(dataset)
-        print(f"LM features of {report.unique} distinct observations: {report.source} "
-              f"in {report.seconds:.1f} s ({report.path})")
+        print(
+            f"LM features of {report.unique} distinct observations: {report.source} "
+            f"in {report.seconds:.1f} s ({report.path})"
+        )
 
     algo = d3rlpy.algos.TD3PlusBCConfig(
         actor_encoder_factory=factory,
@@ -105,8 +109,10 @@ def main() -> None:
         d3rlpy.metrics.evaluate_qlearning_with_environment(reloaded, env, n_trials=1)
         for _ in range(args.eval_episodes)
     ]
-    print(f"evaluated return of the reloaded policy over {args.eval_episodes} episodes: "
-          f"{np.mean(scores):.1f} +- {np.std(scores):.1f} (dataset mean {np.mean(returns):.1f})")
+    print(
+        f"evaluated return of the reloaded policy over {args.eval_episodes} episodes: "
+        f"{np.mean(scores):.1f} +- {np.std(scores):.1f} (dataset mean {np.mean(returns):.1f})"
+    )
 
 
 if __name__ == "__main__":
