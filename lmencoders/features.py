@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,7 +50,7 @@ class FrozenFeatures:
         self.table = FeatureTable(description.size, self.hidden_size)
         self._lock = threading.Lock()
         self._recent: list[tuple[torch.Tensor, tuple, torch.Tensor]] = []
-        self._scaled: dict[int, tuple[RowIndex, int]] = {}
+        self._scaled: dict[int, tuple[weakref.ref, RowIndex, int]] = {}
 
     def of_tensor(
         self,
@@ -92,14 +93,15 @@ class FrozenFeatures:
 
     def _scaled_index(self, scaler: ObservationScaler, device: torch.device) -> RowIndex:
         with self._lock:
-            index, built_at = self._scaled.get(id(scaler), (None, -1))
-            if index is None or len(self.table) > 1.1 * built_at + 64:
+            owner, index, built_at = self._scaled.get(id(scaler), (None, None, -1))
+            stale = owner is None or owner() is not scaler  # ids are reused after deletion
+            if stale or len(self.table) > 1.1 * built_at + 64:
                 raw = self.table.raw_rows()
                 rows = np.flatnonzero(~np.isnan(raw).any(axis=1))
                 scaled = scaler.transform(torch.from_numpy(raw[rows]).to(device))
                 index = RowIndex(self.description.size)
                 index.insert(float_bits(scaled.cpu().numpy()), rows)
-                self._scaled[id(scaler)] = (index, len(self.table))
+                self._scaled[id(scaler)] = (weakref.ref(scaler), index, len(self.table))
             return index
 
     def lm(self, device: torch.device | str = "cpu") -> LanguageModel:

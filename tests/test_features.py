@@ -88,3 +88,27 @@ def test_cached_features_equal_freshly_computed_ones(tiny_lm):
     description = lmencoders.load_description("hopper-v5")
     fresh = language_model(tiny_lm).encode(description.format_segments(obs), ", ")
     assert np.allclose(cached, fresh.numpy(), atol=1e-6)
+
+
+def test_a_new_scaler_never_reuses_the_index_of_a_deleted_one(tiny_lm):
+    import gc
+
+    import d3rlpy
+    import torch
+
+    from lmencoders.features import frozen_features
+
+    obs = np.random.default_rng(5).standard_normal((20, 12)).astype(np.float32)
+    description = lmencoders.load_description("hopper")
+    expected = lmencoders.embed_observations(obs, description, model=tiny_lm, show_progress=False)
+    cache = frozen_features(tiny_lm, description)
+    for shift in (0.0, 3.0, -2.0):  # ids of deleted scalers are often handed out again
+        scaler = d3rlpy.preprocessing.StandardObservationScaler(
+            mean=obs.mean(0) + shift, std=obs.std(0)
+        )
+        got = cache.of_tensor(
+            scaler.transform(torch.from_numpy(obs)), scaler, scaler.reverse_transform
+        )
+        assert np.allclose(got.numpy(), expected, atol=1e-6)
+        del scaler
+        gc.collect()
