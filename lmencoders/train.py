@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -129,7 +130,9 @@ def train(config: TrainConfig) -> dict:
     algo, factory = _algorithm(config, description)
     name = run_name(config)
     out = Path(config.out_dir) / name
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # a rerun, or an interrupted run: d3rlpy appends to its CSV files
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
     started = time.perf_counter()
     if factory is not None and config.tuning == "frozen":
         factory.precompute(dataset, device=config.device)
