@@ -154,11 +154,13 @@ def _experiment(args: argparse.Namespace) -> int:
         datasets=args.datasets,
         methods=args.methods,
         seeds=args.seeds,
+        train_num=args.train_num,
         steps=args.steps,
         eval_every=args.eval_every,
         eval_episodes=args.eval_episodes,
         batch_size=args.batch_size,
         lm_batch_size=args.lm_batch_size,
+        model=args.model,
         device=args.device,
         out_dir=args.out,
         time_budget=args.time_budget,
@@ -287,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--datasets", nargs="+", required=True, help="NeoRL-layout .npz files")
     exp.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     exp.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    exp.add_argument("--train-num", type=int, help="keep the first trajectories (99 as NeoRL v1)")
     exp.add_argument("--steps", type=int, default=5_000)
     exp.add_argument("--eval-every", type=int, default=1_000)
     exp.add_argument("--eval-episodes", type=int, default=5)

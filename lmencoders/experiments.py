@@ -71,6 +71,7 @@ class ExperimentConfig:
     datasets: list[str]
     methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    train_num: int | None = None  # keep the first trajectories (NeoRL's 99 of a 100 file)
     steps: int = 5_000
     eval_every: int = 1_000
     eval_episodes: int = 5
@@ -87,9 +88,11 @@ def _train_config(config: ExperimentConfig, dataset: str, method: str, seed: int
     tuned = encoder == "lm" and tuning != "frozen"
     return TrainConfig(
         dataset=dataset,
+        train_num=config.train_num,
         algo=algo,
         encoder=encoder,
         tuning=tuning,
+        model=config.model,
         steps=config.steps,
         eval_every=config.eval_every,
         eval_episodes=config.eval_episodes,
