@@ -14,19 +14,15 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_write
+
 __all__ = ["CacheKey", "default_cache_dir", "save_features", "load_features", "dataset_sha256"]
-
-
-_umask = os.umask(0)
-os.umask(_umask)
-_FILE_MODE = 0o666 & ~_umask  # what open() would give; mkstemp's files are private (0600)
 
 
 def default_cache_dir() -> Path:
@@ -71,26 +67,15 @@ def save_features(
 ) -> Path:
     """Write quantised rows, their features and one raw observation each, atomically: a
     temporary file in the same folder, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = json.dumps(dataclasses.asdict(key), sort_keys=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                codes=codes,
-                features=features,
-                raw=raw,
-                meta=np.array(meta),
-                checksum=np.array(_checksum(codes, features, raw)),
-            )
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    arrays = {
+        "codes": codes,
+        "features": features,
+        "raw": raw,
+        "meta": np.array(meta),
+        "checksum": np.array(_checksum(codes, features, raw)),
+    }
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_features(path: Path, key: CacheKey) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .datasets import read_neorl_file
 from .envs import episode_returns, make_env
+from .files import atomic_write
 
 __all__ = ["CollectConfig", "collect", "rollout"]
 
@@ -44,24 +45,6 @@ class CollectConfig:
     max_episode_steps: int = 1000
     sample_probability: float = 0.2
     seed: int = 0
-
-
-_umask = os.umask(0)
-os.umask(_umask)
-_FILE_MODE = 0o666 & ~_umask  # what open() would give; mkstemp's files are private (0600)
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def train_behaviour_policies(config: CollectConfig, folder: Path) -> list[dict]:
@@ -89,12 +72,12 @@ def train_behaviour_policies(config: CollectConfig, folder: Path) -> list[dict]:
             show_progress=True,
         )
         path = folder / "policies" / f"sac-{step}.d3"
-        _atomic_write(path, lambda f, algo=sac: f.write(_dump(algo)))
+        atomic_write(path, lambda f, algo=sac: f.write(_dump(algo)))
         act = lambda obs, algo=sac: algo.predict(obs[None])[0]  # noqa: E731
         score = float(np.mean(episode_returns(act, eval_env, config.eval_episodes, seed=10_000)))
         history.append({"step": step, "return": score, "path": str(path.relative_to(folder))})
         print(f"SAC step {step}: mean return {score:.1f}", flush=True)
-    _atomic_write(log_path, lambda f: f.write(json.dumps(history, indent=1).encode()))
+    atomic_write(log_path, lambda f: f.write(json.dumps(history, indent=1).encode()))
     return history
 
 
@@ -168,7 +151,7 @@ def collect(config: CollectConfig, command: str = "") -> dict:
                 data = rollout(
                     algo, env, count, config.max_episode_steps, config.sample_probability, seed
                 )
-                _atomic_write(path, lambda f, d=data: np.savez_compressed(f, **d))
+                atomic_write(path, lambda f, d=data: np.savez_compressed(f, **d))
             returns = read_neorl_file(path).returns()
             record["datasets"][name] = {
                 "level": level,
@@ -183,5 +166,5 @@ def collect(config: CollectConfig, command: str = "") -> dict:
                 f"+- {returns.std():.1f} (policy at SAC step {checkpoint['step']})"
             )
     record["seconds"] = time.perf_counter() - started
-    _atomic_write(folder / "collect.json", lambda f: f.write(json.dumps(record, indent=1).encode()))
+    atomic_write(folder / "collect.json", lambda f: f.write(json.dumps(record, indent=1).encode()))
     return record
