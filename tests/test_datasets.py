@@ -17,6 +17,7 @@ from lmencoders.datasets import (
     read_neorl_file,
     to_mdp_dataset,
 )
+from lmencoders.envs import make_env
 
 
 def neorl_arrays(trajectories: int, steps: int = 25, seed: int = 0) -> dict[str, np.ndarray]:
@@ -135,6 +136,6 @@ def test_neorl_file_to_training_to_evaluation(tmp_path, tiny_lm):
         show_progress=False,
         logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
     )
-    env = lmencoders.envs.make_env("Hopper-v5", max_episode_steps=20)
+    env = make_env("Hopper-v5", max_episode_steps=20)
     score = d3rlpy.metrics.evaluate_qlearning_with_environment(algo, env, n_trials=1)
     assert np.isfinite(score)
