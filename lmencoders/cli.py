@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def _collect(args: argparse.Namespace) -> int:
         max_episode_steps=args.max_episode_steps,
         seed=args.seed,
     )
-    record = collect(config, command="lmencoders " + " ".join(sys.argv[1:]))
+    record = collect(config, command="lmencoders " + shlex.join(sys.argv[1:]))
     print(f"done in {record['seconds']:.0f} s; record: {Path(args.out) / 'collect.json'}")
     return 0
 
@@ -168,7 +169,7 @@ def _experiment(args: argparse.Namespace) -> int:
     log = Path(args.out) / "experiment.json"
     log.parent.mkdir(parents=True, exist_ok=True)
     history = json.loads(log.read_text()) if log.is_file() else []
-    command = "lmencoders " + " ".join(args.argv)
+    command = "lmencoders " + shlex.join(args.argv)
     history.append({"command": command, "config": dataclasses.asdict(config)})
     log.write_text(json.dumps(history, indent=1))
     counts = run_experiment(config)
