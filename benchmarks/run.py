@@ -9,7 +9,6 @@ what carries across machines).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import logging
 import os
@@ -31,15 +30,13 @@ import transformers
 import lmencoders
 from lmencoders.backbone import DEFAULT_MODEL, LanguageModel, language_model
 from lmencoders.encoders import TextFeatures
+from lmencoders.envs import FinRLEnv
 from lmencoders.features import clear_feature_caches, frozen_features
 from lmencoders.table import FeatureTable
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import naive_encoder  # noqa: E402  (registers the baseline's encoder type with d3rlpy)
-
-FINRL_CSV = HERE.parent.parent / "shared" / "data" / "neorl" / "finance-trade.csv"
-
 
 # --------------------------------------------------------------------------- data
 
@@ -100,23 +97,17 @@ def with_features(dataset) -> d3rlpy.dataset.MDPDataset:
 
 
 def finrl_observations(n: int, seed: int = 0) -> np.ndarray:
-    """FinRL observations built from the real market file: cash, prices and indicators of a
-    trading day, random holdings."""
-    with open(FINRL_CSV) as f:
-        rows = list(csv.DictReader(f))
-    days: dict[str, list[dict]] = {}
-    for row in rows:
-        days.setdefault(row["date"], []).append(row)
+    """FinRL observations from NeoRL's market file (as FinRLEnv reads it): cash, prices and
+    indicators of a trading day, random holdings."""
+    market = FinRLEnv()
     rng = np.random.default_rng(seed)
     out = []
-    for date in list(days)[:n]:
-        day = days[date]
-        columns = [
-            [float(r[c]) for r in day] for c in ("close", "macd", "rsi_30", "cci_30", "dx_30")
-        ]
-        shares = rng.integers(0, 300, size=30).astype(float)
+    for day in range(min(n, len(market.dates))):
+        shares = rng.integers(0, 300, size=market.n).astype(float)
         cash = float(rng.uniform(1e5, 1e6))
-        out.append([cash] + columns[0] + list(shares) + sum(columns[1:], []))
+        out.append(
+            np.concatenate([[cash], market.close[day], shares, market.features[day].reshape(-1)])
+        )
     return np.asarray(out)
 
 

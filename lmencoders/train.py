@@ -16,6 +16,7 @@ from .backbone import DEFAULT_MODEL
 from .datasets import read_neorl_file, to_mdp_dataset
 from .encoders import LMEncoderFactory
 from .envs import description_for, episode_returns, make_env, normalized_score
+from .files import atomic_write
 
 __all__ = [
     "ALGORITHMS",
@@ -72,9 +73,13 @@ class TrainConfig:
     tensorboard: bool = True
 
 
+def dataset_path(config: TrainConfig) -> Path:
+    return Path(config.dataset) if config.dataset else shipped_dataset()
+
+
 def run_name(config: TrainConfig) -> str:
     """The run's folder name: dataset, algorithm, encoder (and tuning), seed."""
-    path = Path(config.dataset) if config.dataset else shipped_dataset()
+    path = dataset_path(config)
     encoder = config.encoder + (f"-{config.tuning}" if config.encoder == "lm" else "")
     return f"{path.stem}-{config.algo}-{encoder}-seed{config.seed}"
 
@@ -119,7 +124,7 @@ def train(config: TrainConfig) -> dict:
     """Fit on the dataset, save the model, evaluate; returns (and writes) a result record."""
     if config.algo not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {config.algo!r}; choose one of {sorted(ALGORITHMS)}")
-    path = Path(config.dataset) if config.dataset else shipped_dataset()
+    path = dataset_path(config)
     data = read_neorl_file(path)
     if config.train_num:
         data = data.first(config.train_num)
@@ -164,5 +169,6 @@ def train(config: TrainConfig) -> dict:
         "model": str(out / "model.d3"),
         "evaluation": evaluate(algo, env_name, config.eval_episodes, seed=config.seed * 1000),
     }
-    (out / "result.json").write_text(json.dumps(result, indent=1))
+    # Written last and atomically: its presence marks the run as finished (experiments skip it).
+    atomic_write(out / "result.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
     return result
