@@ -53,7 +53,8 @@ def train_behaviour_policies(config: CollectConfig, folder: Path) -> list[dict]:
     if log_path.is_file():
         return json.loads(log_path.read_text())
     d3rlpy.seed(config.seed)
-    env, eval_env = make_env(config.env), make_env(config.env)
+    env = make_env(config.env)
+    eval_envs = [make_env(config.env) for _ in range(config.eval_episodes)]
     env.reset(seed=config.seed)
     sac = d3rlpy.algos.SACConfig(batch_size=256).create(device="cpu")
     buffer = d3rlpy.dataset.create_fifo_replay_buffer(limit=config.sac_steps, env=env)
@@ -73,8 +74,7 @@ def train_behaviour_policies(config: CollectConfig, folder: Path) -> list[dict]:
         )
         path = folder / "policies" / f"sac-{step}.d3"
         atomic_write(path, lambda f, algo=sac: f.write(_dump(algo)))
-        act = lambda obs, algo=sac: algo.predict(obs[None])[0]  # noqa: E731
-        score = float(np.mean(episode_returns(act, eval_env, config.eval_episodes, seed=10_000)))
+        score = float(np.mean(episode_returns(sac.predict, eval_envs, seed=10_000)))
         history.append({"step": step, "return": score, "path": str(path.relative_to(folder))})
         print(f"SAC step {step}: mean return {score:.1f}", flush=True)
     atomic_write(log_path, lambda f: f.write(json.dumps(history, indent=1).encode()))

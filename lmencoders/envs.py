@@ -4,7 +4,7 @@ normalised scores with NeoRL's reference returns."""
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -44,19 +44,25 @@ def make_env(task: str, **kwargs) -> gym.Env:
 
 
 def episode_returns(
-    act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int = 0
+    act: Callable[[np.ndarray], np.ndarray], envs: Sequence[gym.Env], seed: int = 0
 ) -> list[float]:
-    """Undiscounted returns of ``episodes`` episodes (reset seeds ``seed``, ``seed + 1``...)."""
-    returns = []
-    for episode in range(episodes):
-        obs, _ = env.reset(seed=seed + episode)
-        total, done = 0.0, False
-        while not done:
-            obs, reward, terminated, truncated, _ = env.step(act(obs))
-            total += float(reward)
-            done = terminated or truncated
-        returns.append(total)
-    return returns
+    """Undiscounted return of one episode per environment (reset seeds ``seed``, ``seed + 1``...).
+
+    The episodes run in lockstep and ``act`` maps a batch of observations to a batch of
+    actions: an LM policy then encodes all live episodes in one forward pass per step."""
+    observations = [env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]
+    totals = [0.0] * len(envs)
+    live = list(range(len(envs)))
+    while live:
+        actions = act(np.stack([observations[i] for i in live]))
+        still = []
+        for i, action in zip(live, actions):
+            observations[i], reward, terminated, truncated, _ = envs[i].step(action)
+            totals[i] += float(reward)
+            if not (terminated or truncated):
+                still.append(i)
+        live = still
+    return totals
 
 
 def description_for(task: str) -> str:

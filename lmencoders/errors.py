@@ -29,3 +29,7 @@ class ModelMismatchError(LMEncodersError, RuntimeError):
 
 class UnreachableTokenError(LMEncodersError, RuntimeError):
     """A text produced a token outside the embedding rows that ln_embed trains."""
+
+
+class ConfigError(LMEncodersError, ValueError):
+    """A run's settings name something unknown or contradict each other."""

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .backbone import DEFAULT_MODEL
+from .errors import ConfigError
 from .train import TrainConfig, run_name, train
 
 __all__ = ["METHODS", "PAPER_RESULTS", "ExperimentConfig", "run_experiment", "report"]
@@ -108,7 +109,7 @@ def run_experiment(config: ExperimentConfig) -> dict[str, int]:
     """Run every missing (dataset, method, seed); returns counts of done/skipped/left runs."""
     unknown = [m for m in config.methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+        raise ConfigError(f"unknown methods {unknown}; choose from {list(METHODS)}")
     started = time.perf_counter()
     counts = {"done": 0, "skipped": 0, "left": 0}
     runs = Path(config.out_dir) / "runs"

@@ -16,6 +16,7 @@ from .backbone import DEFAULT_MODEL
 from .datasets import read_neorl_file, to_mdp_dataset
 from .encoders import LMEncoderFactory
 from .envs import description_for, episode_returns, make_env, normalized_score
+from .errors import ConfigError
 from .files import atomic_write
 
 __all__ = [
@@ -49,7 +50,7 @@ def shipped_dataset() -> Path:
 def task_of_file(path: str | Path) -> str:
     match = _NAME.match(Path(path).name)
     if not match:
-        raise ValueError(f"{path}: not a NeoRL file name (<Task>-<level>-<N>-<train|val>.npz)")
+        raise ConfigError(f"{path}: not a NeoRL file name (<Task>-<level>-<N>-<train|val>.npz)")
     return match["task"]
 
 
@@ -100,16 +101,15 @@ def _algorithm(config: TrainConfig, description: str):
         names = [f.name for f in dataclasses.fields(cls) if f.name.endswith("encoder_factory")]
         kwargs |= {name: factory for name in names}
     elif config.encoder != "vector":
-        raise ValueError(f"unknown encoder {config.encoder!r}; choose 'lm' or 'vector'")
+        raise ConfigError(f"unknown encoder {config.encoder!r}; choose 'lm' or 'vector'")
     return cls(**kwargs).create(device=config.device), factory
 
 
 def evaluate(algo, env_name: str, episodes: int, seed: int = 0) -> dict:
     """Mean and std of the return over ``episodes`` (seeded resets), and NeoRL's normalised
     score where NeoRL has references."""
-    returns = episode_returns(
-        lambda obs: algo.predict(obs[None])[0], make_env(env_name), episodes, seed
-    )
+    envs = [make_env(env_name) for _ in range(episodes)]
+    returns = episode_returns(algo.predict, envs, seed)
     mean = float(np.mean(returns))
     return {
         "env": env_name,
@@ -120,10 +120,30 @@ def evaluate(algo, env_name: str, episodes: int, seed: int = 0) -> dict:
     }
 
 
+class ReturnEvaluator:
+    """d3rlpy evaluator (the learning curve) that keeps its last full evaluation.
+
+    d3rlpy evaluates after the last epoch, i.e. the final policy, so that evaluation is the
+    run's result: no second pass over the episodes (costly when every step runs the LM)."""
+
+    def __init__(self, env_name: str, episodes: int, seed: int) -> None:
+        self.env_name, self.episodes, self.seed = env_name, episodes, seed
+        self.last: dict | None = None
+
+    def __call__(self, algo, dataset) -> float:
+        self.last = evaluate(algo, self.env_name, self.episodes, self.seed)
+        return self.last["mean_return"]
+
+
 def train(config: TrainConfig) -> dict:
     """Fit on the dataset, save the model, evaluate; returns (and writes) a result record."""
+    if config.eval_every and config.steps % config.eval_every:
+        raise ConfigError(
+            f"steps ({config.steps}) must be a multiple of eval_every ({config.eval_every}): "
+            "d3rlpy trains whole epochs of eval_every steps"
+        )
     if config.algo not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {config.algo!r}; choose one of {sorted(ALGORITHMS)}")
+        raise ConfigError(f"unknown algorithm {config.algo!r}; choose one of {sorted(ALGORITHMS)}")
     path = dataset_path(config)
     data = read_neorl_file(path)
     if config.train_num:
@@ -145,10 +165,7 @@ def train(config: TrainConfig) -> dict:
     if config.tensorboard:
         tensorboard_dir = str(Path(config.out_dir) / "tensorboard")
         adapters.append(d3rlpy.logging.TensorboardAdapterFactory(root_dir=tensorboard_dir))
-    evaluators = None
-    if config.eval_every:
-        evaluator = d3rlpy.metrics.EnvironmentEvaluator(make_env(env_name), config.eval_episodes)
-        evaluators = {"environment": evaluator}
+    evaluator = ReturnEvaluator(env_name, config.eval_episodes, seed=config.seed * 1000)
     algo.fit(
         dataset,
         n_steps=config.steps,
@@ -156,7 +173,7 @@ def train(config: TrainConfig) -> dict:
         experiment_name=name,
         with_timestamp=False,
         logger_adapter=d3rlpy.logging.CombineAdapterFactory(adapters),
-        evaluators=evaluators,
+        evaluators={"environment": evaluator} if config.eval_every else None,
         save_interval=10**9,
     )
     train_seconds = time.perf_counter() - started
@@ -167,7 +184,7 @@ def train(config: TrainConfig) -> dict:
         "dataset_mean_return": float(data.returns().mean()),
         "train_seconds": train_seconds,
         "model": str(out / "model.d3"),
-        "evaluation": evaluate(algo, env_name, config.eval_episodes, seed=config.seed * 1000),
+        "evaluation": evaluator.last or evaluator(algo, dataset),
     }
     # Written last and atomically: its presence marks the run as finished (experiments skip it).
     atomic_write(out / "result.json", lambda f: f.write(json.dumps(result, indent=1).encode()))

@@ -102,9 +102,22 @@ def test_train_then_evaluate(collected, tiny_lm, tmp_path, capsys):
     [result_file] = list(tmp_path.rglob("result.json"))
     result = json.loads(result_file.read_text())
     assert np.isfinite(result["evaluation"]["mean_return"])
+    curve = (result_file.parent / "environment.csv").read_text().strip().splitlines()
+    assert [row.split(",")[1] for row in curve] == ["10", "20"]
+    # the final periodic evaluation (of the final policy) is the run's result
+    assert float(curve[-1].split(",")[2]) == pytest.approx(result["evaluation"]["mean_return"])
     assert (tmp_path / "tensorboard").is_dir()
     assert main(["evaluate", result["model"], "--env", "Hopper-v5", "--episodes", "1"]) == 0
     assert "normalised score" in capsys.readouterr().out
+
+
+def test_steps_must_be_whole_evaluation_epochs(collected, tmp_path, capsys):
+    out, _ = collected
+    dataset = str(out / "Hopper-v5-low-3-train.npz")
+    args = ["train", "--dataset", dataset, "--encoder", "vector", "--out", str(tmp_path)]
+    assert main(args + ["--steps", "25", "--eval-every", "10"]) == 2
+    assert "steps (25) must be a multiple of eval_every (10)" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_describe_prints_text_and_token_count(tiny_lm, capsys):

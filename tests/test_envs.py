@@ -79,3 +79,24 @@ def test_normalized_scores_use_neorl_references():
     assert normalized_score("HalfCheetah-v3", -298.0) == pytest.approx(0.0)
     assert normalized_score("finance", 100.0) is None
     assert envs.default_market_file().is_file()
+
+
+def test_lockstep_episodes_return_what_one_episode_at_a_time_returns():
+    weights = np.random.default_rng(0).normal(size=(12, 3)) * 0.5
+
+    def act(observations):  # deterministic, and Hopper falls at different steps per seed
+        return np.tanh(observations @ weights)
+
+    expected = []
+    for episode in range(3):
+        env = make_env("Hopper-v5")
+        obs, _ = env.reset(seed=7 + episode)
+        total, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(act(obs[None])[0])
+            total += reward
+            done = terminated or truncated
+        expected.append(total)
+    assert len(set(expected)) == 3
+    lockstep = envs.episode_returns(act, [make_env("Hopper-v5") for _ in range(3)], seed=7)
+    assert lockstep == pytest.approx(expected, rel=1e-12)
