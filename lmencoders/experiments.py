@@ -64,6 +64,15 @@ PAPER_RESULTS: dict[str, dict[str, float]] = {
         "TD3+BC LM-Finetune": 4084,
         "TD3+BC LM-No-Tune": 4171,
     },
+    # FinRL low-99: BC/CQL/PLAS/BCQ from the paper's Table 2; it reports no LM-Finetune here.
+    "FinRL": {
+        "BC": 136,
+        "CQL": 487,
+        "PLAS": 447,
+        "BCQ": 330,
+        "TD3+BC": 742,
+        "TD3+BC LM-No-Tune": 1043,
+    },
 }
 
 
@@ -170,6 +179,7 @@ def report(out_dir: str | Path) -> str:
                 "mean_return": evaluation["mean_return"],
                 "normalized_score": evaluation["normalized_score"],
                 "episodes": evaluation["episodes"],
+                "trajectories": result["dataset_trajectories"],
                 "train_seconds": result["train_seconds"],
                 "run": result_file.parent.name,
             }
@@ -187,8 +197,9 @@ def report(out_dir: str | Path) -> str:
     datasets = sorted({r["dataset"] for r in rows})
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     lines = [
-        "| dataset | method | return (mean +- std over seeds) | normalised | seeds | steps |",
-        "|---|---|---|---|---|---|",
+        "| dataset | trajectories | method | return (mean +- std over seeds) | normalised "
+        "| seeds | steps | eval episodes |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for dataset in datasets:
         for method in methods:
@@ -198,13 +209,30 @@ def report(out_dir: str | Path) -> str:
             returns = np.array([r["mean_return"] for r in group])
             scores = [r["normalized_score"] for r in group if r["normalized_score"] is not None]
             normalized = f"{np.mean(scores):.1f} +- {np.std(scores):.1f}" if scores else "-"
-            steps = sorted({r["steps"] for r in group})
             lines.append(
-                f"| {dataset} | {method} | {returns.mean():.1f} +- {returns.std():.1f} | "
-                f"{normalized} | {len(group)} | {', '.join(map(str, steps))} |"
+                f"| {dataset} | {_values(group, 'trajectories')} | {method} | "
+                f"{returns.mean():.1f} +- {returns.std():.1f} | {normalized} | {len(group)} | "
+                f"{_values(group, 'steps')} | {_values(group, 'episodes')} |"
             )
     _plot_curves(out, rows)
+    return _summary(groups, datasets, methods) + "\n\nEvery cell:\n\n" + "\n".join(lines)
+
+
+def _summary(groups: dict, datasets: list[str], methods: list[str]) -> str:
+    """Datasets x methods, as the paper lays out its table: mean return (seeds)."""
+    lines = ["| dataset | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for dataset in datasets:
+        cells = []
+        for method in methods:
+            returns = [r["mean_return"] for r in groups.get((dataset, method), [])]
+            cells.append(f"{np.mean(returns):.1f} ({len(returns)})" if returns else "-")
+        lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _values(group: list[dict], key: str) -> str:
+    """The distinct values of a column in a group of runs (one, unless settings were mixed)."""
+    return ", ".join(str(v) for v in sorted({r[key] for r in group}))
 
 
 def _plot_curves(out: Path, rows: list[dict]) -> None:
@@ -245,7 +273,7 @@ def _paper_table() -> str:
         "|---|" + "---|" * len(methods),
     ]
     for task, scores in PAPER_RESULTS.items():
-        lines.append(f"| {task} | " + " | ".join(str(scores[m]) for m in methods) + " |")
+        lines.append(f"| {task} | " + " | ".join(str(scores.get(m, "-")) for m in methods) + " |")
     return "\n".join(lines)
 
 
@@ -274,14 +302,17 @@ def write_results(
         "(do not edit the tables by hand).\n\n"
         f"Commands that produced the runs:\n\n```\n{commands}\n```\n\n"
         "Returns are undiscounted evaluation returns of the final policy (mean over the "
-        "evaluation episodes of a run), then mean +- std over seeds. Normalised scores use "
-        "NeoRL's random/expert references.\n\n"
+        "evaluation episodes of a run), then averaged over seeds. The first table is laid out "
+        "like the paper's (mean return, number of seeds in brackets); the second gives each "
+        "cell's std over seeds, NeoRL-normalised score (random/expert references) and "
+        "settings.\n\n"
         f"{table}\n\n"
         + "\n\n".join(plots)
         + "\n\n"
         + (f"{notes.strip()}\n\n" if notes else "")
         + "## The paper's numbers, for comparison\n\n"
-        "Tarasov et al. (2022), Table 1: raw returns on NeoRL v1 datasets.\n\n"
+        "Tarasov et al. (2022): raw returns on NeoRL v1 low datasets (99 trajectories); "
+        "the paper gives no LM-Finetune number for FinRL.\n\n"
         f"{_paper_table()}\n"
     )
     target.write_text(text)

@@ -169,7 +169,9 @@ def test_experiment_runs_in_resumable_parts_and_reports(collected, tiny_lm, tmp_
     results = tmp_path / "RESULTS.md"
     assert main(["report", "--out", str(tmp_path / "exp"), "--results", str(results)]) == 0
     text = results.read_text()
-    assert "| Hopper-v5-low-3-train | BC |" in text and "TD3+BC LM-No-Tune" in text
+    assert "| Hopper-v5-low-3-train | 3 | BC |" in text and "TD3+BC LM-No-Tune" in text
+    summary = next(line for line in text.splitlines() if line.startswith("| Hopper-v5-low-3"))
+    assert summary.count("(2)") == 2  # one cell per method, 2 seeds each
     assert "lmencoders experiment --datasets" in text  # the exact commands are recorded
     assert (tmp_path / "results" / "curves-Hopper-v5-low-3-train.png").stat().st_size > 1000
     rows = (tmp_path / "results" / "results.csv").read_text().strip().splitlines()
