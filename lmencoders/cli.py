@@ -61,6 +61,7 @@ def _collect(args: argparse.Namespace) -> int:
         train_trajectories=args.train,
         val_trajectories=args.val,
         max_episode_steps=args.max_episode_steps,
+        scale_observations=args.scale_observations,
         seed=args.seed,
     )
     record = collect(config, command="lmencoders " + shlex.join(sys.argv[1:]))
@@ -230,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("--train", type=int, default=100, help="train trajectories per level")
     col.add_argument("--val", type=int, default=10, help="val trajectories per level")
     col.add_argument("--max-episode-steps", type=int, default=1000)
+    col.add_argument(
+        "--scale-observations",
+        action="store_true",
+        help="standardise SAC's inputs with statistics of random-action rollouts (FinRL)",
+    )
     col.add_argument("--seed", type=int, default=0)
     col.set_defaults(run=_collect)
 

@@ -44,7 +44,27 @@ class CollectConfig:
     val_trajectories: int = 10
     max_episode_steps: int = 1000
     sample_probability: float = 0.2
+    scale_observations: bool = False  # standardise SAC's inputs (needed where scales differ)
     seed: int = 0
+
+
+def random_action_scaler(
+    env, steps: int, seed: int
+) -> d3rlpy.preprocessing.StandardObservationScaler:
+    """Mean and std of the observations met under uniformly random actions.
+
+    SAC learns nothing from raw inputs of very different scales (FinRL: cash ~1e6 next to
+    RSI ~50); d3rlpy cannot fit a standard scaler from an environment, so it is fitted here."""
+    env.action_space.seed(seed)
+    obs, _ = env.reset(seed=seed)
+    seen = [obs]
+    for _ in range(steps):
+        obs, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        if terminated or truncated:
+            obs, _ = env.reset()
+        seen.append(obs)
+    seen = np.asarray(seen, dtype=np.float64)
+    return d3rlpy.preprocessing.StandardObservationScaler(mean=seen.mean(0), std=seen.std(0))
 
 
 def train_behaviour_policies(config: CollectConfig, folder: Path) -> list[dict]:
@@ -56,7 +76,10 @@ def train_behaviour_policies(config: CollectConfig, folder: Path) -> list[dict]:
     env = make_env(config.env)
     eval_envs = [make_env(config.env) for _ in range(config.eval_episodes)]
     env.reset(seed=config.seed)
-    sac = d3rlpy.algos.SACConfig(batch_size=256).create(device="cpu")
+    scaler = None
+    if config.scale_observations:
+        scaler = random_action_scaler(make_env(config.env), 5_000, config.seed)
+    sac = d3rlpy.algos.SACConfig(batch_size=256, observation_scaler=scaler).create(device="cpu")
     buffer = d3rlpy.dataset.create_fifo_replay_buffer(limit=config.sac_steps, env=env)
     history = []
     for step in range(config.checkpoint_every, config.sac_steps + 1, config.checkpoint_every):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import d3rlpy
 import numpy as np
 import pytest
 
@@ -63,6 +64,19 @@ def test_collect_skips_finished_stages(collected):
     stamps |= {p: p.stat().st_mtime_ns for p in out.rglob("*.d3")}
     assert main(args) == 0
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+def test_collect_finrl_with_standardised_sac_inputs(tmp_path):
+    args = ["collect", "--env", "finance", "--out", str(tmp_path), "--sac-steps", "200"]
+    args += ["--checkpoint-every", "100", "--eval-episodes", "1", "--levels", "low"]
+    args += ["--train", "2", "--val", "1", "--max-episode-steps", "20", "--scale-observations"]
+    assert main(args) == 0
+    data = read_neorl_file(tmp_path / "finance-low-2-train.npz")
+    assert data.obs.shape == (40, 181) and np.isfinite(data.reward).all()
+    sac = d3rlpy.load_learnable(str(tmp_path / "policies" / "sac-100.d3"))
+    scaler = sac.config.observation_scaler
+    assert scaler.mean[0] > 1e4 and scaler.std[0] > 1e4  # cash, in dollars
+    assert json.loads((tmp_path / "collect.json").read_text())["config"]["scale_observations"]
 
 
 def test_policies_are_picked_at_their_fraction_of_the_best_return():
