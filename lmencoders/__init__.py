@@ -4,6 +4,14 @@
 ``d3rlpy.load_learnable`` can rebuild algorithms that use it.
 """
 
+import contextlib
+import io
+
+# d3rlpy imports the old ``gym`` package, which prints a notice to upgrade to gymnasium on
+# import; lmencoders already uses gymnasium, so the notice would only mislead our users.
+with contextlib.redirect_stderr(io.StringIO()):
+    import gym  # noqa: F401
+
 from .backbone import DEFAULT_MODEL, TUNING_MODES
 from .description import StateDescription, load_description, shipped_descriptions
 from .encoders import LMEncoderFactory, register
