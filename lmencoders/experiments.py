@@ -180,6 +180,7 @@ def report(out_dir: str | Path) -> str:
                 "normalized_score": evaluation["normalized_score"],
                 "episodes": evaluation["episodes"],
                 "trajectories": result["dataset_trajectories"],
+                "data_return": result["dataset_mean_return"],
                 "train_seconds": result["train_seconds"],
                 "run": result_file.parent.name,
             }
@@ -219,10 +220,15 @@ def report(out_dir: str | Path) -> str:
 
 
 def _summary(groups: dict, datasets: list[str], methods: list[str]) -> str:
-    """Datasets x methods, as the paper lays out its table: mean return (seeds)."""
-    lines = ["| dataset | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    """Datasets x methods, as the paper lays out its table: mean return (seeds), next to the
+    return of the data itself (what behaviour cloning can reach)."""
+    lines = [
+        "| dataset | data | " + " | ".join(methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
     for dataset in datasets:
-        cells = []
+        runs = [run for (d, _), group in groups.items() if d == dataset for run in group]
+        cells = [_values(runs, "data_return", "{:.1f}")]
         for method in methods:
             returns = [r["mean_return"] for r in groups.get((dataset, method), [])]
             cells.append(f"{np.mean(returns):.1f} ({len(returns)})" if returns else "-")
@@ -230,9 +236,9 @@ def _summary(groups: dict, datasets: list[str], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _values(group: list[dict], key: str) -> str:
+def _values(group: list[dict], key: str, form: str = "{}") -> str:
     """The distinct values of a column in a group of runs (one, unless settings were mixed)."""
-    return ", ".join(str(v) for v in sorted({r[key] for r in group}))
+    return ", ".join(form.format(v) for v in sorted({r[key] for r in group}))
 
 
 def _plot_curves(out: Path, rows: list[dict]) -> None:
@@ -303,7 +309,8 @@ def write_results(
         f"Commands that produced the runs:\n\n```\n{commands}\n```\n\n"
         "Returns are undiscounted evaluation returns of the final policy (mean over the "
         "evaluation episodes of a run), then averaged over seeds. The first table is laid out "
-        "like the paper's (mean return, number of seeds in brackets); the second gives each "
+        "like the paper's (mean return, number of seeds in brackets), after the mean return of "
+        "the training trajectories themselves (data); the second gives each "
         "cell's std over seeds, NeoRL-normalised score (random/expert references) and "
         "settings.\n\n"
         f"{table}\n\n"
