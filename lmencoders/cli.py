@@ -64,7 +64,7 @@ def _collect(args: argparse.Namespace) -> int:
         scale_observations=args.scale_observations,
         seed=args.seed,
     )
-    record = collect(config, command="lmencoders " + shlex.join(sys.argv[1:]))
+    record = collect(config, command="lmencoders " + shlex.join(args.argv))
     print(f"done in {record['seconds']:.0f} s; record: {Path(args.out) / 'collect.json'}")
     return 0
 
@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="standardise SAC's inputs with statistics of random-action rollouts (FinRL)",
     )
     col.add_argument("--seed", type=int, default=0)
-    col.set_defaults(run=_collect)
+    col.set_defaults(run=_collect, argv=None)
 
     des = commands.add_parser(
         "describe", help="print the text an observation becomes, and its token count"

@@ -187,6 +187,7 @@ def test_experiment_runs_in_resumable_parts_and_reports(collected, tiny_lm, tmp_
     summary = next(line for line in text.splitlines() if line.startswith("| Hopper-v5-low-3"))
     assert summary.count("(2)") == 2  # one cell per method, 2 seeds each
     assert "lmencoders experiment --datasets" in text  # the exact commands are recorded
+    assert "- `Hopper-v5-low-3-train.npz`: `lmencoders collect --env Hopper-v5 --out" in text
     assert (tmp_path / "results" / "curves-Hopper-v5-low-3-train.png").stat().st_size > 1000
     rows = (tmp_path / "results" / "results.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 4
