@@ -263,6 +263,17 @@ def _plot_curves(out: Path, rows: list[dict]) -> None:
             values = np.array([[v for _, v in c[:length]] for c in curves])
             axis.plot(steps, values.mean(0), label=f"{method} ({len(curves)} seeds)")
             axis.fill_between(steps, values.min(0), values.max(0), alpha=0.15)
+        for data_return in sorted({r["data_return"] for r in rows if r["dataset"] == dataset}):
+            axis.axhline(data_return, color="gray", linestyle="--", linewidth=1)
+            axis.annotate(
+                "data",
+                (0.99, data_return),
+                xycoords=("axes fraction", "data"),
+                ha="right",
+                va="bottom",
+                color="gray",
+                fontsize=8,
+            )
         axis.set_xlabel("gradient steps")
         axis.set_ylabel("evaluation return")
         axis.set_title(dataset)
