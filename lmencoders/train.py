@@ -177,6 +177,8 @@ def train(config: TrainConfig) -> dict:
         save_interval=10**9,
     )
     train_seconds = time.perf_counter() - started
+    if evaluator.last is None:  # no periodic evaluation: evaluate the final policy now
+        evaluator(algo, dataset)
     algo.save(str(out / "model.d3"))
     result = {
         "config": dataclasses.asdict(config) | {"dataset": str(path), "description": description},
@@ -184,7 +186,7 @@ def train(config: TrainConfig) -> dict:
         "dataset_mean_return": float(data.returns().mean()),
         "train_seconds": train_seconds,
         "model": str(out / "model.d3"),
-        "evaluation": evaluator.last or evaluator(algo, dataset),
+        "evaluation": evaluator.last,
     }
     # Written last and atomically: its presence marks the run as finished (experiments skip it).
     atomic_write(out / "result.json", lambda f: f.write(json.dumps(result, indent=1).encode()))

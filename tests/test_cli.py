@@ -125,13 +125,16 @@ def test_train_then_evaluate(collected, tiny_lm, tmp_path, capsys):
     assert "normalised score" in capsys.readouterr().out
 
 
-def test_steps_must_be_whole_evaluation_epochs(collected, tmp_path, capsys):
+def test_steps_are_whole_evaluation_epochs_or_evaluated_at_the_end(collected, tmp_path, capsys):
     out, _ = collected
     dataset = str(out / "Hopper-v5-low-3-train.npz")
     args = ["train", "--dataset", dataset, "--encoder", "vector", "--out", str(tmp_path)]
     assert main(args + ["--steps", "25", "--eval-every", "10"]) == 2
     assert "steps (25) must be a multiple of eval_every (10)" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+    # any step count without periodic evaluation: the final policy is evaluated once
+    assert main(args + ["--steps", "25", "--eval-every", "0", "--eval-episodes", "2"]) == 0
+    assert "evaluated return on Hopper-v5 over 2 episodes" in capsys.readouterr().out
 
 
 def test_describe_prints_text_and_token_count(tiny_lm, capsys):

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import csv
 import re
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -10,8 +9,9 @@ import pytest
 
 import lmencoders
 from lmencoders import DescriptionError, ObservationError, load_description
+from lmencoders.envs import default_market_file
 
-FINRL_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "neorl" / "finance-trade.csv"
+FINRL_CSV = default_market_file()  # NeoRL's real market file, as shipped with lmencoders
 
 SIZES = {
     "hopper": 12,
