@@ -151,6 +151,7 @@ def _experiment(args: argparse.Namespace) -> int:
     import json
 
     from .experiments import ExperimentConfig, run_experiment
+    from .files import atomic_write
 
     config = ExperimentConfig(
         datasets=args.datasets,
@@ -168,11 +169,10 @@ def _experiment(args: argparse.Namespace) -> int:
         time_budget=args.time_budget,
     )
     log = Path(args.out) / "experiment.json"
-    log.parent.mkdir(parents=True, exist_ok=True)
     history = json.loads(log.read_text()) if log.is_file() else []
     command = "lmencoders " + shlex.join(args.argv)
     history.append({"command": command, "config": dataclasses.asdict(config)})
-    log.write_text(json.dumps(history, indent=1))
+    atomic_write(log, lambda f: f.write(json.dumps(history, indent=1).encode()))
     counts = run_experiment(config)
     print(
         f"runs done {counts['done']}, already finished {counts['skipped']}, "

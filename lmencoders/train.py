@@ -108,12 +108,15 @@ def _algorithm(config: TrainConfig, description: str):
 def evaluate(algo, env_name: str, episodes: int, seed: int = 0) -> dict:
     """Mean and std of the return over ``episodes`` (seeded resets), and NeoRL's normalised
     score where NeoRL has references."""
-    envs = [make_env(env_name) for _ in range(episodes)]
+    return _evaluation(algo, env_name, [make_env(env_name) for _ in range(episodes)], seed)
+
+
+def _evaluation(algo, env_name: str, envs: list, seed: int) -> dict:
     returns = episode_returns(algo.predict, envs, seed)
     mean = float(np.mean(returns))
     return {
         "env": env_name,
-        "episodes": episodes,
+        "episodes": len(envs),
         "mean_return": mean,
         "std_return": float(np.std(returns)),
         "normalized_score": normalized_score(env_name, mean),
@@ -127,11 +130,12 @@ class ReturnEvaluator:
     run's result: no second pass over the episodes (costly when every step runs the LM)."""
 
     def __init__(self, env_name: str, episodes: int, seed: int) -> None:
-        self.env_name, self.episodes, self.seed = env_name, episodes, seed
+        self.env_name, self.seed = env_name, seed
+        self.envs = [make_env(env_name) for _ in range(episodes)]  # seeded resets: reusable
         self.last: dict | None = None
 
     def __call__(self, algo, dataset) -> float:
-        self.last = evaluate(algo, self.env_name, self.episodes, self.seed)
+        self.last = _evaluation(algo, self.env_name, self.envs, self.seed)
         return self.last["mean_return"]
 
 
