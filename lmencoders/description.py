@@ -36,10 +36,24 @@ __all__ = [
 
 
 def _check_template(template: str, allowed: set[str], required: set[str]) -> str:
+    """Placeholders only, by name: no conversion (``!r``) and no format spec (``:>9``).
+
+    Values arrive already written (decimals decide their precision), so a spec could only
+    pad or break them; ``{label!r:>99999999}`` would write 100 million characters."""
     try:
-        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        fields = [f for f in string.Formatter().parse(template) if f[1] is not None]
     except ValueError as exc:
         raise ValueError(f"malformed template {template!r}: {exc}") from None
+    for _, name, spec, conversion in fields:
+        if conversion is not None or spec:
+            written = "{" + name + (f"!{conversion}" if conversion else "")
+            written += (f":{spec}" if spec else "") + "}"
+            raise ValueError(
+                f"template {template!r}: placeholder {written} has a "
+                f"{'conversion' if conversion else 'format spec'}; write {{{name}}} alone "
+                f"(number precision is set by 'decimals')"
+            )
+    names = {name for _, name, _, _ in fields}
     unknown = names - allowed
     if unknown:
         raise ValueError(
@@ -65,8 +79,8 @@ class FormatSchema(_Strict):
     separator: str = ", "
     decimals: int = Field(5, ge=0, le=12)
     nonfinite: Literal["error", "token"] = "error"
-    nan_token: str = "nan"
-    inf_token: str = "inf"
+    nan_token: str = Field("nan", min_length=1)
+    inf_token: str = Field("inf", min_length=1)
 
     @field_validator("template")
     @classmethod
@@ -255,7 +269,9 @@ class StateDescription:
         columns = []
         for col in range(codes.shape[1]):
             decimals = int(self.decimals[col])
-            columns.append([special.get(c) or render(c, decimals) for c in codes[:, col].tolist()])
+            columns.append(
+                [special[c] if c in special else render(c, decimals) for c in codes[:, col].tolist()]
+            )
         return columns
 
     def texts_from_codes(self, codes: np.ndarray) -> list[str]:

@@ -26,9 +26,11 @@ def quantize(values: np.ndarray, decimals: np.ndarray) -> np.ndarray:
     Raises ``OverflowError`` naming the column when a finite value is too large.
     """
     values = np.asarray(values, dtype=np.float64)
-    scaled = values * (10.0 ** decimals.astype(np.float64))
-    finite = np.isfinite(scaled)
-    too_large = finite & (np.abs(scaled) >= _MAX_EXACT)
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaled = values * (10.0 ** decimals.astype(np.float64))
+    finite = np.isfinite(values)
+    # A finite value whose scaled form overflows to inf must not be written as "inf".
+    too_large = finite & ~(np.abs(scaled) < _MAX_EXACT)
     if too_large.any():
         row, col = np.argwhere(too_large)[0]
         raise OverflowError(
@@ -38,16 +40,24 @@ def quantize(values: np.ndarray, decimals: np.ndarray) -> np.ndarray:
     codes = np.empty(values.shape, dtype=np.int64)
     codes[finite] = np.rint(scaled[finite]).astype(np.int64)
     codes[np.isnan(values)] = NAN_CODE
-    codes[np.isposinf(scaled)] = POSINF_CODE
-    codes[np.isneginf(scaled)] = NEGINF_CODE
+    codes[np.isposinf(values)] = POSINF_CODE
+    codes[np.isneginf(values)] = NEGINF_CODE
     return codes
+
+
+def is_special(code: int) -> bool:
+    """Whether a code is one of the non-finite sentinels (never a finite value's code)."""
+    return code in (NAN_CODE, POSINF_CODE, NEGINF_CODE)
 
 
 def render(code: int, decimals: int) -> str:
     """Write one finite code: at most ``decimals`` decimals, trailing zeros dropped, one kept.
 
     ``render(143, 4) == "0.0143"``, ``render(10000000, 5) == "100.0"``; ``-0`` is ``"0.0"``.
+    A sentinel code is refused: it stands for NaN/inf, whose words are the description's.
     """
+    if is_special(code) or abs(code) >= _MAX_EXACT:
+        raise ValueError(f"code {code} is not the code of a finite value")
     sign = "-" if code < 0 else ""
     magnitude = -code if code < 0 else code
     if decimals == 0:

@@ -205,3 +205,65 @@ def test_inline_yaml_and_round_trip():
 def test_values_too_large_for_the_decimals_are_an_error():
     with pytest.raises(ObservationError, match="too large"):
         load_description("hopper").format(np.full((1, 12), 1e15))
+
+
+@pytest.mark.parametrize(
+    "field, template",
+    [
+        ("format.template", "{label!r:>99999999}: {value}"),
+        ("format.template", "{label}: {value:.2f}"),
+        ("dimensions[0].template", "{label}: {value!s}"),
+        ("groups.member_template", "{value:>4}"),
+        ("groups.template", "{label:^30}: {values}"),
+    ],
+)
+def test_templates_with_a_conversion_or_format_spec_are_refused_at_load(field, template):
+    data = {"name": "t", "dimensions": [{"label": "a"}, {"label": "b"}]}
+    if field == "format.template":
+        data["format"] = {"template": template}
+    elif field == "dimensions[0].template":
+        data["dimensions"][0]["template"] = template
+    else:
+        key = field.split(".")[1]
+        data["groups"] = {"items": [{"label": "g", "dimensions": [0, 1]}], key: template}
+    with pytest.raises(DescriptionError, match=rf"'{re.escape(field)}'.*(conversion|format spec)"):
+        load_description(data)
+
+
+def test_a_finite_value_too_large_to_scale_is_an_error_not_written_as_inf():
+    description = load_description(
+        {
+            "name": "t",
+            "format": {"nonfinite": "token", "decimals": 12},
+            "dimensions": [{"label": "a"}],
+        }
+    )
+    with pytest.raises(ObservationError, match="too large"):
+        description.format(np.array([[1e300]]))
+    with pytest.raises(ObservationError, match="too large"):
+        description.format(np.array([[-np.finfo(np.float64).max]]))
+
+
+def test_tokens_are_written_as_configured_and_never_as_internal_codes():
+    with pytest.raises(DescriptionError, match="nan_token"):
+        load_description(
+            {"name": "t", "format": {"nan_token": ""}, "dimensions": [{"label": "a"}]}
+        )
+    description = load_description(
+        {
+            "name": "t",
+            "format": {"nonfinite": "token", "nan_token": "0", "decimals": 3},
+            "dimensions": [{"label": "a"}],
+        }
+    )
+    texts = description.format(np.array([[np.nan], [np.inf], [-np.inf], [0.0]]))
+    assert texts == ["a: 0", "a: inf", "a: -inf", "a: 0.0"]
+    assert not any("922" in t for t in texts)
+
+
+def test_rendering_a_sentinel_code_is_refused():
+    from lmencoders.numbers import NAN_CODE, POSINF_CODE, render
+
+    for code in (NAN_CODE, POSINF_CODE):
+        with pytest.raises(ValueError, match="not the code of a finite value"):
+            render(code, 5)
