@@ -269,9 +269,8 @@ class StateDescription:
         columns = []
         for col in range(codes.shape[1]):
             decimals = int(self.decimals[col])
-            columns.append(
-                [special[c] if c in special else render(c, decimals) for c in codes[:, col].tolist()]
-            )
+            column = codes[:, col].tolist()
+            columns.append([special[c] if c in special else render(c, decimals) for c in column])
         return columns
 
     def texts_from_codes(self, codes: np.ndarray) -> list[str]:

@@ -246,9 +246,7 @@ def test_a_finite_value_too_large_to_scale_is_an_error_not_written_as_inf():
 
 def test_tokens_are_written_as_configured_and_never_as_internal_codes():
     with pytest.raises(DescriptionError, match="nan_token"):
-        load_description(
-            {"name": "t", "format": {"nan_token": ""}, "dimensions": [{"label": "a"}]}
-        )
+        load_description({"name": "t", "format": {"nan_token": ""}, "dimensions": [{"label": "a"}]})
     description = load_description(
         {
             "name": "t",
