@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checks import optional_positive
 from .errors import ModelNotFoundError, UnreachableTokenError
 from .tokens import length_buckets, tokenize_texts
 
@@ -282,8 +283,8 @@ class LanguageModel:
         With ``vocabulary`` (sorted token ids), a token outside it raises
         :class:`UnreachableTokenError` instead of silently using an untrained row.
         """
-        window = min(max_length or self.window, self.window)
-        batch_size = batch_size or default_batch_size(self.device)
+        window = min(optional_positive(max_length, "max_length") or self.window, self.window)
+        batch_size = optional_positive(batch_size, "batch_size") or default_batch_size(self.device)
         joined = [separator.join(s) for s in segments]
         unique: dict[str, int] = {}
         inverse = np.fromiter(

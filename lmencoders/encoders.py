@@ -16,6 +16,7 @@ The only module that knows d3rlpy. Invariants (each has a test):
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -34,14 +35,16 @@ from torch import nn
 from .backbone import (
     DEFAULT_MODEL,
     POOLINGS,
+    TUNING_MODES,
     LanguageModel,
     TuningMode,
     language_model,
     make_tuning,
 )
 from .cache import default_cache_dir
+from .checks import optional_positive, positive
 from .description import StateDescription, as_description_field, load_description
-from .errors import ModelMismatchError
+from .errors import ConfigError, ModelMismatchError
 from .features import PrecomputeReport, frozen_features, precompute_features
 from .tokens import reachable_token_ids
 
@@ -265,9 +268,18 @@ class LMEncoderFactory(EncoderFactory):
 
     def __post_init__(self) -> None:
         self.description = as_description_field(self.description)
+        self.model = os.fspath(self.model)  # a pathlib.Path is welcome; the config stores text
         if self.pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {self.pooling!r}; choose one of {sorted(POOLINGS)}")
-        make_tuning(self.tuning)  # validates the name
+            raise ConfigError(f"unknown pooling {self.pooling!r}; choose one of {sorted(POOLINGS)}")
+        if self.tuning not in TUNING_MODES:
+            raise ConfigError(
+                f"unknown tuning {self.tuning!r}; choose one of {sorted(TUNING_MODES)}"
+            )
+        self.batch_size = optional_positive(self.batch_size, "batch_size")
+        self.max_length = optional_positive(self.max_length, "max_length")
+        self.hidden_units = [positive(u, "hidden_units[]") for u in self.hidden_units]
+        self.lora_rank = positive(self.lora_rank, "lora_rank")
+        self.lora_alpha = positive(self.lora_alpha, "lora_alpha")
 
     @staticmethod
     def get_type() -> str:

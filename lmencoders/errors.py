@@ -33,3 +33,7 @@ class UnreachableTokenError(LMEncodersError, RuntimeError):
 
 class ConfigError(LMEncodersError, ValueError):
     """A run's settings name something unknown or contradict each other."""
+
+
+class FeatureError(LMEncodersError, RuntimeError):
+    """The LM produced features that cannot be used (NaN or inf); nothing was cached."""

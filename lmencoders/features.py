@@ -21,7 +21,9 @@ import torch
 
 from .backbone import DEFAULT_MODEL, Frozen, LanguageModel, language_model
 from .cache import CacheKey, dataset_sha256, load_features, save_features
+from .checks import optional_positive
 from .description import StateDescription, load_description
+from .errors import FeatureError
 from .table import FeatureTable, RowIndex, float_bits
 
 if TYPE_CHECKING:  # only the encoders module imports d3rlpy
@@ -137,16 +139,26 @@ class FrozenFeatures:
         batch_size: int | None,
         show_progress: bool,
     ) -> np.ndarray:
-        """Run the LM on quantised rows (no cache involved)."""
+        """Run the LM on quantised rows (no cache involved). Non-finite features are an
+        error, so they never reach the table or a cache file."""
+        segments = self.description.segments_from_codes(codes)
         features = self.lm(device).encode(
-            self.description.segments_from_codes(codes),
+            segments,
             self.description.separator,
             pooling=self.pooling,
             max_length=self.max_length,
             batch_size=batch_size,
             show_progress=show_progress,
         )
-        return features.float().cpu().numpy()
+        features = features.float().cpu().numpy()
+        bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
+        if len(bad):
+            text = self.description.separator.join(segments[bad[0]])
+            raise FeatureError(
+                f"LM {self.model!r} gave NaN/inf features for {len(bad)} of {len(codes)} "
+                f"observations (first: {text[:120]!r}); nothing was stored or cached"
+            )
+        return features
 
 
 _REGISTRY: dict[tuple[str, str, str, int | None], FrozenFeatures] = {}
@@ -174,7 +186,8 @@ def clear_feature_caches() -> None:
 def embed_observations(
     observations: np.ndarray,
     description: StateDescription | str | Path | Mapping[str, Any],
-    model: str = DEFAULT_MODEL,
+    *,
+    model: str | Path = DEFAULT_MODEL,
     batch_size: int | None = None,
     pooling: str = "mean",
     max_length: int | None = None,
@@ -186,6 +199,8 @@ def embed_observations(
     Results stay in the process-wide cache, so calling this on a dataset's observations before
     training precomputes the features that frozen ``LMEncoderFactory`` encoders look up.
     """
+    batch_size = optional_positive(batch_size, "batch_size")
+    max_length = optional_positive(max_length, "max_length")
     cache = frozen_features(model, load_description(description), pooling, max_length)
     return cache(np.asarray(observations), device, batch_size, show_progress).copy()
 
@@ -214,7 +229,8 @@ def _barrier() -> None:
 def precompute_features(
     observations: np.ndarray,
     description: StateDescription | str | Path | Mapping[str, Any],
-    model: str = DEFAULT_MODEL,
+    *,
+    model: str | Path = DEFAULT_MODEL,
     pooling: str = "mean",
     max_length: int | None = None,
     batch_size: int | None = None,
@@ -226,49 +242,84 @@ def precompute_features(
 
     With ``cache_dir`` the features are read from (or written to) one file there, keyed by LM
     weights, description, pooling, window and dataset content. Under ``torch.distributed``
-    each process encodes every ``world_size``-th distinct row, writes a shard, and rank 0
-    merges the shards into the one cache file that every process then loads (``cache_dir`` is
-    required then and must be shared by the processes).
+    each process encodes every ``world_size``-th distinct row (``cache_dir`` is required then
+    and must be shared by the processes; see :func:`_compute_sharded`).
     """
     start = time.perf_counter()
+    batch_size = optional_positive(batch_size, "batch_size")
+    max_length = optional_positive(max_length, "max_length")
     description = load_description(description)
     table = frozen_features(model, description, pooling, max_length)
     observations = np.asarray(observations)
     codes = description.quantize(observations)
     unique, first = np.unique(codes, axis=0, return_index=True)
     raw = observations[first].astype(np.float32)
-    rank, world = _distributed()
-    path = None
-    if cache_dir is not None:
-        key = CacheKey(
-            table.lm().weights_sha256,
-            description.fingerprint,
-            pooling,
-            max_length,
-            dataset_sha256(unique),
-        )
-        path = Path(cache_dir) / key.filename()
-        cached = load_features(path, key)
-        if cached is not None:
-            table.table.insert(*cached)
-            seconds = time.perf_counter() - start
-            return PrecomputeReport(len(codes), len(unique), "disk", path, seconds)
-    elif world > 1:
-        raise ValueError("sharded precompute needs a cache_dir shared by all processes")
-    shard, shard_raw = unique[rank::world], raw[rank::world]
-    features = table.compute(shard, device, batch_size, show_progress and rank == 0)
+
+    def report(source: str, path: Path | None) -> PrecomputeReport:
+        seconds = time.perf_counter() - start
+        return PrecomputeReport(len(codes), len(unique), source, path, seconds)
+
+    _, world = _distributed()
+    if cache_dir is None:
+        if world > 1:
+            raise ValueError("sharded precompute needs a cache_dir shared by all processes")
+        table.table.insert(unique, table.compute(unique, device, batch_size, show_progress), raw)
+        return report("computed", None)
+    key = _cache_key(table, unique)
+    path = Path(cache_dir) / key.filename()
+    cached = load_features(path, key, table.hidden_size)
+    if cached is not None:
+        table.table.insert(*cached)
+        return report("disk", path)
     if world > 1:
-        shard_paths = [path.with_name(f"{path.name}.shard{r}-of-{world}.npz") for r in range(world)]
-        save_features(shard_paths[rank], key, shard, features, shard_raw)
-        _barrier()
-        if rank == 0:
-            parts = [load_features(p, key) for p in shard_paths]
-            save_features(path, key, *(np.concatenate(arrays) for arrays in zip(*parts)))
-            for p in shard_paths:
-                p.unlink()
-        _barrier()
-        shard, features, shard_raw = load_features(path, key)
-    elif path is not None:
-        save_features(path, key, shard, features, shard_raw)
-    table.table.insert(shard, features, shard_raw)
-    return PrecomputeReport(len(codes), len(unique), "computed", path, time.perf_counter() - start)
+        features = _compute_sharded(table, unique, raw, path, device, batch_size, show_progress)
+    else:
+        features = table.compute(unique, device, batch_size, show_progress)
+        save_features(path, key, unique, features, raw)
+    table.table.insert(unique, features, raw)
+    return report("computed", path)
+
+
+def _cache_key(table: FrozenFeatures, unique_codes: np.ndarray) -> CacheKey:
+    return CacheKey(
+        table.lm().weights_sha256,
+        table.description.fingerprint,
+        table.pooling,
+        table.max_length,
+        dataset_sha256(unique_codes),
+    )
+
+
+def _compute_sharded(
+    table: FrozenFeatures,
+    unique: np.ndarray,
+    raw: np.ndarray,
+    path: Path,
+    device: torch.device | str,
+    batch_size: int | None,
+    show_progress: bool,
+) -> np.ndarray:
+    """Each rank encodes rows ``rank::world`` and writes them as a shard file (keyed by its
+    own rows); rank 0 interleaves the shards back into the one cache file; every rank returns
+    the features of all rows."""
+    rank, world = _distributed()
+    shards = [path.with_name(f"{path.name}.shard{r}-of-{world}.npz") for r in range(world)]
+    mine = unique[rank::world]
+    features = table.compute(mine, device, batch_size, show_progress and rank == 0)
+    save_features(shards[rank], _cache_key(table, mine), mine, features, raw[rank::world])
+    _barrier()
+    key = _cache_key(table, unique)
+    if rank == 0:
+        merged = np.empty((len(unique), table.hidden_size), dtype=np.float32)
+        for r, shard in enumerate(shards):
+            part = load_features(shard, _cache_key(table, unique[r::world]), table.hidden_size)
+            if part is None:
+                raise FeatureError(f"shard {shard} of rank {r} is missing or unusable")
+            merged[r::world] = part[1]
+            shard.unlink()
+        save_features(path, key, unique, merged, raw)
+    _barrier()
+    cached = load_features(path, key, table.hidden_size)
+    if cached is None:
+        raise FeatureError(f"{path}: the merged cache file is missing or unusable")
+    return cached[1]

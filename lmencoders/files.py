@@ -1,25 +1,36 @@
-"""Writing files so that an interrupted write never leaves a file that looks complete."""
+"""Writing files so that an interrupted write never leaves a file that looks complete.
+
+A temporary file carries the host and process that write it, so a later process can tell an
+orphan (its writer is gone: killed, out of memory) from a write still in progress.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "remove_orphaned_temporaries"]
 
 _umask = os.umask(0)
 os.umask(_umask)
 _FILE_MODE = 0o666 & ~_umask  # what open() would give; mkstemp's files are private (0600)
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+_TEMPORARY = re.compile(r"^.+\.(?P<host>[A-Za-z0-9_-]+)~(?P<pid>\d+)\.[^.]+\.tmp$")
+_FOREIGN_AGE = 24 * 3600.0  # another host's temporary this old is an orphan
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
     """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    prefix = f"{path.name}.{_HOST}~{os.getpid()}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -29,3 +40,33 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_orphaned_temporaries(folder: str | Path) -> list[Path]:
+    """Delete temporary files in ``folder`` whose writer is gone: this host's files whose
+    process no longer runs, and other hosts' files older than a day. Returns what went."""
+    removed = []
+    now = time.time()
+    for path in Path(folder).glob("*.tmp"):
+        match = _TEMPORARY.match(path.name)
+        try:
+            if match is None or match["host"] != _HOST:
+                orphan = now - path.stat().st_mtime > _FOREIGN_AGE
+            else:
+                orphan = not _alive(int(match["pid"]))
+            if orphan:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:  # its writer renamed or removed it meanwhile
+            continue
+    return removed

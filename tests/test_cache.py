@@ -98,3 +98,121 @@ def test_no_temporary_files_are_left_behind(tiny_lm, tmp_path):
         observations(), "hopper", model=tiny_lm, cache_dir=tmp_path, show_progress=False
     )
     assert [p.suffix for p in tmp_path.iterdir()] == [".npz"]
+
+
+def _rewrite(path, **changes):
+    """Write a cache file with some arrays changed and a checksum that matches them."""
+    from lmencoders.cache import _checksum
+
+    data = dict(np.load(path)) | changes
+    data["checksum"] = np.array(_checksum(data["codes"], data["features"], data["raw"]))
+    np.savez(path, **data)
+
+
+@pytest.mark.parametrize(
+    "breakage, problem",
+    [
+        ("empty", "unreadable"),
+        ("garbage", "unreadable"),
+        ("wider features", "shapes that disagree"),
+        ("fewer rows", "other rows"),
+        ("nan feature", "non-finite"),
+    ],
+)
+def test_every_broken_cache_file_is_rebuilt(tiny_lm, tmp_path, breakage, problem, lm_texts):
+    report = precompute_features(
+        observations(), "hopper", model=tiny_lm, cache_dir=tmp_path, show_progress=False
+    )
+    expected = np.load(report.path)["features"]
+    if breakage == "empty":
+        report.path.write_bytes(b"")
+    elif breakage == "garbage":
+        report.path.write_bytes(b"\x00not an npz file" * 10)
+    else:
+        data = dict(np.load(report.path))
+        if breakage == "wider features":
+            _rewrite(report.path, features=np.zeros((30, 7), np.float32))
+        elif breakage == "fewer rows":
+            _rewrite(
+                report.path,
+                codes=data["codes"][:5],
+                features=data["features"][:5],
+                raw=data["raw"][:5],
+            )
+        else:
+            features = data["features"].copy()
+            features[3, 0] = np.nan
+            _rewrite(report.path, features=features)
+    for attempt in range(2):  # the rebuilt file is then used as it is
+        clear_feature_caches()
+        if attempt == 0:
+            with pytest.warns(UserWarning, match=problem):
+                again = precompute_features(
+                    observations(), "hopper", model=tiny_lm, cache_dir=tmp_path, show_progress=False
+                )
+            assert again.source == "computed"
+        else:
+            again = precompute_features(
+                observations(), "hopper", model=tiny_lm, cache_dir=tmp_path, show_progress=False
+            )
+            assert again.source == "disk"
+    assert np.allclose(np.load(report.path)["features"], expected, atol=1e-6)
+    assert lm_texts == [30, 30]
+
+
+def test_orphaned_temporary_files_are_removed_and_live_ones_kept(tiny_lm, tmp_path):
+    import os
+    import subprocess
+
+    from lmencoders.files import _HOST
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = tmp_path / f"features-x.npz.{_HOST}~{dead.pid}.abc123.tmp"
+    live = tmp_path / f"features-y.npz.{_HOST}~{os.getpid()}.def456.tmp"
+    old_style = tmp_path / "features-z.npz.q1w2e3.tmp"
+    for path in (orphan, live, old_style):
+        path.write_bytes(b"partial")
+    os.utime(old_style, (1, 1))  # decades old, writer unknown
+    precompute_features(
+        observations(), "hopper", model=tiny_lm, cache_dir=tmp_path, show_progress=False
+    )
+    assert not orphan.exists() and not old_style.exists() and live.exists()
+
+
+def test_non_finite_features_are_an_error_and_never_cached(tiny_lm, tmp_path, monkeypatch):
+    from lmencoders.backbone import LanguageModel
+    from lmencoders.errors import FeatureError
+
+    original = LanguageModel.encode
+
+    def overflowing(self, *args, **kwargs):  # as a half-precision LM that overflows would
+        out = original(self, *args, **kwargs)
+        out[2] = float("inf")
+        return out
+
+    monkeypatch.setattr(LanguageModel, "encode", overflowing)
+    clear_feature_caches()
+    with pytest.raises(FeatureError, match="NaN/inf features for 1 of 30"):
+        precompute_features(
+            observations(), "hopper", model=tiny_lm, cache_dir=tmp_path, show_progress=False
+        )
+    with pytest.raises(FeatureError):
+        lmencoders.embed_observations(observations(), "hopper", model=tiny_lm, show_progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name, value", [("batch_size", -1), ("batch_size", 0), ("max_length", -5)])
+def test_bad_sizes_are_refused_before_anything_is_computed(tiny_lm, tmp_path, name, value):
+    from lmencoders.errors import ConfigError
+
+    clear_feature_caches()
+    with pytest.raises(ConfigError, match=rf"{name} must be a positive integer, got {value}"):
+        precompute_features(
+            observations(), "hopper", model=tiny_lm, cache_dir=tmp_path, **{name: value}
+        )
+    with pytest.raises(ConfigError, match=name):
+        lmencoders.embed_observations(observations(), "hopper", model=tiny_lm, **{name: value})
+    with pytest.raises(ConfigError, match=name):
+        lmencoders.LMEncoderFactory(description="hopper", model=tiny_lm, **{name: value})
+    assert not list(tmp_path.iterdir())

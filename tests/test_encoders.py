@@ -221,7 +221,7 @@ def test_factory_is_json_config_and_path_descriptions_are_stored_inline(tiny_lm,
     assert pickle.loads(pickle.dumps(data)) == data
     again = LMEncoderFactory.deserialize_from_dict(data)
     assert again == factory
-    with pytest.raises(ValueError, match="unknown tuning mode 'lorra'"):
+    with pytest.raises(ValueError, match="unknown tuning 'lorra'"):
         LMEncoderFactory(description="hopper", tuning="lorra")
 
 
@@ -231,14 +231,34 @@ def test_shared_q_function_encoders_work(tiny_lm, hopper_dataset):
         factory_for(tiny_lm, "ln_embed"),
         q_func_factory=d3rlpy.models.MeanQFunctionFactory(share_encoder=True),
     )
+    algo.build_with_dataset(hopper_dataset)
+    critics = algo.impl.modules.q_funcs
+    encoder = critics[0].encoder
+    assert all(c.encoder is encoder for c in critics)
+    before = {k: v.detach().clone() for k, v in encoder.features.lm_parameters.items()}
     fit(algo, hopper_dataset, steps=2)
+    assert all(c.encoder is encoder for c in algo.impl.modules.q_funcs)
+    after = encoder.features.lm_parameters
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the shared LM trained
 
 
 def test_bodies_are_shared_across_tuning_modes(tiny_lm):
-    for tuning in ["frozen", "ln_embed", "full"]:
-        factory_for(tiny_lm, tuning).create((12,))
-    assert language_model(tiny_lm, Frozen()) is language_model(tiny_lm)
-    assert lmencoders.LMEncoderFactory.get_type() == "lm"
+    from lmencoders.backbone import clear_loaded_models, loaded_bodies
+
+    clear_loaded_models()
+    modes = list(lmencoders.TUNING_MODES)
+    assert {"frozen", "ln_embed", "lora", "full"} <= set(modes)
+    for _ in range(2):  # a second round of encoders loads nothing more
+        for tuning in modes:
+            factory_for(tiny_lm, tuning).create((12,))
+            factory_for(tiny_lm, tuning).create_with_action((12,), 3)
+    bodies = loaded_bodies()
+    variants = {factory_for(tiny_lm, t).tuning_mode().body_variant for t in modes}
+    assert len(bodies) == len(variants) == 2  # the plain body, and one with LoRA adapters
+    plain = language_model(tiny_lm, Frozen())
+    for tuning in modes:
+        body = language_model(tiny_lm, factory_for(tiny_lm, tuning).tuning_mode())
+        assert body in bodies and (body is plain) == (tuning != "lora")
 
 
 @pytest.mark.parametrize("share, passes", [(False, 65), (True, 40)])
