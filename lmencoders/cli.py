@@ -1,39 +1,113 @@
-"""``lmencoders`` command line."""
+"""``lmencoders`` command line.
+
+Every command's options come from its config dataclass (:mod:`lmencoders.options`), so a
+setting, its default, its help and its checks are written once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shlex
 import sys
 from pathlib import Path
 
-from .backbone import DEFAULT_MODEL, POOLINGS, TUNING_MODES
+from .backbone import ALLOW_DOWNLOAD, DEFAULT_MODEL, POOLINGS
+from .options import add_options, from_args, option
+
+
+@dataclasses.dataclass
+class PrecomputeConfig:
+    dataset: str = option(
+        help="NeoRL .npz, d3rlpy .h5 or minari:<dataset id>", positional=True, metavar="DATASET"
+    )
+    description: str | None = option(
+        None, "shipped description name or YAML path (default: the task's)"
+    )
+    train_num: int | None = option(None, "keep only the first trajectories (as train does)")
+    model: str = option(DEFAULT_MODEL, "Hugging Face name or local directory of the LM")
+    pooling: str = option("mean", "how token states become one vector", choices=sorted(POOLINGS))
+    max_length: int | None = option(None, "token window (default: the model's)")
+    batch_size: int | None = option(None, "texts per LM forward (default: 16 on CPU, 256 on GPU)")
+    device: str = option("cpu", "torch device")
+    cache_dir: str | None = option(
+        None, "feature cache folder (default: $LMENCODERS_CACHE or ~/.cache/lmencoders)"
+    )
+
+
+@dataclasses.dataclass
+class DescribeConfig:
+    description: str | None = option(
+        None, "shipped description name or YAML path (default: the task's)"
+    )
+    dataset: str | None = option(None, "take observations from this dataset")
+    rows: int = option(1, "how many dataset rows to show")
+    env: str = option("Hopper-v5", "without --dataset: show the first observation of this env")
+    model: str = option(DEFAULT_MODEL, "the LM whose tokenizer counts tokens")
+    seed: int = option(0, "reset seed of --env")
+
+    def __post_init__(self) -> None:
+        from .checks import positive
+
+        self.rows = positive(self.rows, "rows")
+
+
+@dataclasses.dataclass
+class EvaluateConfig:
+    model_file: str = option(
+        help="a run folder, or its model.pt / model.json (a .d3 needs --trust-pickle)",
+        positional=True,
+        metavar="MODEL",
+    )
+    env: str | None = option(None, "environment (default: the one in the run's result.json)")
+    episodes: int = option(10, "evaluation episodes")
+    seed: int = option(0, "reset seed of the first episode")
+    device: str = option("cpu", "torch device")
+    trust_pickle: bool = option(
+        False, "load a d3rlpy .d3 file (a pickle: it can run code; only for your own files)"
+    )
+
+    def __post_init__(self) -> None:
+        from .checks import positive
+
+        self.episodes = positive(self.episodes, "episodes")
+
+
+@dataclasses.dataclass
+class ReportConfig:
+    out: str = option("experiments", "the experiment folder")
+    results: str = option("RESULTS.md", "Markdown file to write")
+    notes: str | None = option(None, "a Markdown file of comments to include")
 
 
 def _precompute(args: argparse.Namespace) -> int:
     import torch
 
     from .cache import default_cache_dir
-    from .datasets import read_observations
+    from .datasets import load_dataset
+    from .envs import description_for
     from .features import precompute_features
 
+    config = from_args(PrecomputeConfig, args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: one shard per process
-        backend = "nccl" if args.device.startswith("cuda") else "gloo"
+        backend = "nccl" if config.device.startswith("cuda") else "gloo"
         torch.distributed.init_process_group(backend)
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    observations = read_observations(args.dataset)
+        if config.device.startswith("cuda"):
+            config.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    dataset = load_dataset(config.dataset, config.train_num)
+    observations = dataset.observations()
+    description = config.description or description_for(dataset.env or "", observations.shape[1])
     report = precompute_features(
         observations,
-        args.description,
-        model=args.model,
-        pooling=args.pooling,
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        device=args.device,
-        cache_dir=args.cache_dir or default_cache_dir(),
+        description,
+        model=config.model,
+        pooling=config.pooling,
+        max_length=config.max_length,
+        batch_size=config.batch_size,
+        device=config.device,
+        cache_dir=config.cache_dir or default_cache_dir(),
     )
     if torch.distributed.is_initialized():
         rank = torch.distributed.get_rank()
@@ -51,21 +125,9 @@ def _precompute(args: argparse.Namespace) -> int:
 def _collect(args: argparse.Namespace) -> int:
     from .collect import CollectConfig, collect
 
-    config = CollectConfig(
-        env=args.env,
-        out_dir=args.out,
-        sac_steps=args.sac_steps,
-        checkpoint_every=args.checkpoint_every,
-        eval_episodes=args.eval_episodes,
-        levels=tuple(args.levels),
-        train_trajectories=args.train,
-        val_trajectories=args.val,
-        max_episode_steps=args.max_episode_steps,
-        scale_observations=args.scale_observations,
-        seed=args.seed,
-    )
+    config = from_args(CollectConfig, args)
     record = collect(config, command="lmencoders " + shlex.join(args.argv))
-    print(f"done in {record['seconds']:.0f} s; record: {Path(args.out) / 'collect.json'}")
+    print(f"done in {record['seconds']:.0f} s; record: {Path(config.out_dir) / 'collect.json'}")
     return 0
 
 
@@ -73,47 +135,32 @@ def _describe(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .backbone import language_model
-    from .datasets import read_observations
+    from .datasets import load_dataset
     from .description import load_description
-    from .envs import make_env
+    from .envs import description_for, make_env
 
-    description = load_description(args.description)
-    if args.dataset:
-        observations = read_observations(args.dataset)[: args.rows]
+    config = from_args(DescribeConfig, args)
+    if config.dataset:
+        dataset = load_dataset(config.dataset)
+        observations = dataset.observations()[: config.rows]
+        task = dataset.env or ""
     else:
-        env = make_env(args.env)
-        first, _ = env.reset(seed=args.seed)
-        observations = np.asarray([first])
-    tokenizer = language_model(args.model).tokenizer
+        first, _ = make_env(config.env).reset(seed=config.seed)
+        observations, task = np.asarray([first]), config.env
+    description = load_description(
+        config.description or description_for(task, observations.shape[1])
+    )
+    tokenizer = language_model(config.model).tokenizer
     for text in description.format(observations):
         count = len(tokenizer(text)["input_ids"])
-        print(f"{text}\n({count} tokens with {args.model})")
+        print(f"{text}\n({count} tokens with {config.model})")
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
-    result = train(
-        TrainConfig(
-            dataset=args.dataset or "",
-            train_num=args.train_num,
-            algo=args.algo,
-            encoder=args.encoder,
-            tuning=args.tuning,
-            model=args.model,
-            description=args.description,
-            env=args.env,
-            steps=args.steps,
-            eval_every=args.eval_every,
-            eval_episodes=args.eval_episodes,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            device=args.device,
-            out_dir=args.out,
-            tensorboard=not args.no_tensorboard,
-        )
-    )
+    result = train(from_args(TrainConfig, args))
     config = result["config"]
     print(
         f"dataset {Path(config['dataset']).name}: {result['dataset_trajectories']} trajectories, "
@@ -137,38 +184,35 @@ def _evaluation_line(evaluation: dict) -> str:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import d3rlpy
+    import json
 
-    from .train import evaluate
+    from .errors import ConfigError
+    from .saving import load_model
+    from .train import evaluate, evaluation_cost
 
-    algo = d3rlpy.load_learnable(args.model_file, device=args.device)
-    print(_evaluation_line(evaluate(algo, args.env, args.episodes, args.seed)))
+    config = from_args(EvaluateConfig, args)
+    path = Path(config.model_file)
+    env = config.env
+    if env is None:
+        record = (path if path.is_dir() else path.parent) / "result.json"
+        if not record.is_file():
+            raise ConfigError(f"{path}: no result.json beside it to name the environment: --env")
+        env = json.loads(record.read_text())["evaluation"]["env"]
+    algo = load_model(path, config.device, trust_pickle=config.trust_pickle)
+    encoder = "lm" if "LMEncoderFactory" in repr(algo.config) else "vector"
+    print(evaluation_cost(env, config.episodes, encoder), flush=True)
+    print(_evaluation_line(evaluate(algo, env, config.episodes, config.seed)))
     return 0
 
 
 def _experiment(args: argparse.Namespace) -> int:
-    import dataclasses
     import json
 
     from .experiments import ExperimentConfig, run_experiment
     from .files import atomic_write
 
-    config = ExperimentConfig(
-        datasets=args.datasets,
-        methods=args.methods,
-        seeds=args.seeds,
-        train_num=args.train_num,
-        steps=args.steps,
-        eval_every=args.eval_every,
-        eval_episodes=args.eval_episodes,
-        batch_size=args.batch_size,
-        lm_batch_size=args.lm_batch_size,
-        model=args.model,
-        device=args.device,
-        out_dir=args.out,
-        time_budget=args.time_budget,
-    )
-    log = Path(args.out) / "experiment.json"
+    config = from_args(ExperimentConfig, args)
+    log = Path(config.out_dir) / "experiment.json"
     history = json.loads(log.read_text()) if log.is_file() else []
     command = "lmencoders " + shlex.join(args.argv)
     history.append({"command": command, "config": dataclasses.asdict(config)})
@@ -182,155 +226,106 @@ def _experiment(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .experiments import write_results
+    from .report import write_results
 
-    notes = Path(args.notes).read_text() if args.notes else ""
-    print(write_results(args.out, args.results, notes))
+    config = from_args(ReportConfig, args)
+    notes = Path(config.notes).read_text() if config.notes else ""
+    print(write_results(config.out, config.results, notes))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmencoders", description=__doc__)
+    from .collect import CollectConfig
+    from .experiments import ExperimentConfig
+    from .train import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="lmencoders", description=__doc__.splitlines()[0])
     parser.add_argument("--verbose", action="store_true", help="show d3rlpy's log lines")
+    parser.add_argument(
+        "--allow-download",
+        action="store_true",
+        help=f"let a Hugging Face model be downloaded if not cached (or {ALLOW_DOWNLOAD}=1)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    pre = commands.add_parser(
-        "precompute",
-        help="compute the frozen LM features of a dataset once and keep them on disk",
-        description="Compute the frozen LM features of every distinct observation of a dataset "
-        "(NeoRL .npz or d3rlpy .h5) and store them in the feature cache. Under torchrun, each "
-        "process encodes a shard and rank 0 merges them into one cache file.",
-    )
-    pre.add_argument("dataset", help="NeoRL .npz (obs, next_obs) or d3rlpy .h5 file")
-    pre.add_argument("--description", required=True, help="shipped name or YAML path")
-    pre.add_argument("--model", default=DEFAULT_MODEL)
-    pre.add_argument("--pooling", default="mean", choices=sorted(POOLINGS))
-    pre.add_argument("--max-length", type=int, default=None)
-    pre.add_argument("--batch-size", type=int, default=None, help="default: 16 on CPU, 256 on GPU")
-    pre.add_argument("--device", default="cpu")
-    pre.add_argument(
-        "--cache-dir", default=None, help="default: $LMENCODERS_CACHE or ~/.cache/lmencoders"
-    )
-    pre.set_defaults(run=_precompute)
+    def command(name: str, config: type, run, help: str, description: str = "") -> None:
+        sub = commands.add_parser(name, help=help, description=description or help)
+        add_options(sub, config)
+        sub.set_defaults(run=run)
 
-    col = commands.add_parser(
+    command(
+        "precompute",
+        PrecomputeConfig,
+        _precompute,
+        "compute the frozen LM features of a dataset once and keep them on disk",
+        "Compute the frozen LM features of every distinct observation of a dataset (the same "
+        "rows train meets, so train then reads them from the cache) and store them in the "
+        "feature cache. Under torchrun, each process encodes a shard and rank 0 merges them.",
+    )
+    command(
         "collect",
-        help="make NeoRL-style datasets for a gymnasium environment (SAC behaviour policies)",
-        description="Train SAC online, keep the policies at about 25/50/75%% of the best return "
-        "(low/medium/high), roll them out (mean action 80%%, sampled 20%%) and write NeoRL-layout "
+        CollectConfig,
+        _collect,
+        "make NeoRL-style datasets for a gymnasium environment (SAC behaviour policies)",
+        "Train SAC online, keep the policies at about 25/50/75% of the best return "
+        "(low/medium/high), roll them out (mean action 80%, sampled 20%) and write NeoRL-layout "
         ".npz files. Finished stages are skipped when run again.",
     )
-    col.add_argument("--env", default="Hopper-v5", help="gymnasium id (default Hopper-v5)")
-    col.add_argument("--out", default="neorl-data", help="output folder")
-    col.add_argument("--sac-steps", type=int, default=100_000)
-    col.add_argument("--checkpoint-every", type=int, default=5_000)
-    col.add_argument("--eval-episodes", type=int, default=5)
-    col.add_argument(
-        "--levels", nargs="+", default=["low", "medium", "high"], choices=["low", "medium", "high"]
+    command(
+        "describe",
+        DescribeConfig,
+        _describe,
+        "print the text an observation becomes, and its token count",
     )
-    col.add_argument("--train", type=int, default=100, help="train trajectories per level")
-    col.add_argument("--val", type=int, default=10, help="val trajectories per level")
-    col.add_argument("--max-episode-steps", type=int, default=1000)
-    col.add_argument(
-        "--scale-observations",
-        action="store_true",
-        help="standardise SAC's inputs with statistics of random-action rollouts (FinRL)",
-    )
-    col.add_argument("--seed", type=int, default=0)
-    col.set_defaults(run=_collect, argv=None)
-
-    des = commands.add_parser(
-        "describe", help="print the text an observation becomes, and its token count"
-    )
-    des.add_argument("--description", required=True, help="shipped name or YAML path")
-    des.add_argument("--dataset", help="take observations from this .npz/.h5 file")
-    des.add_argument("--rows", type=int, default=1, help="how many dataset rows")
-    des.add_argument("--env", default="Hopper-v5", help="else: the first observation of this env")
-    des.add_argument("--model", default=DEFAULT_MODEL, help="tokenizer that counts tokens")
-    des.add_argument("--seed", type=int, default=0)
-    des.set_defaults(run=_describe)
-
-    from .train import ALGORITHMS
-
-    tra = commands.add_parser(
+    command(
         "train",
-        help="train an offline RL agent on a NeoRL-layout dataset and evaluate it",
-        description="Train with d3rlpy (file and tensorboard logs under --out), save the model, "
-        "evaluate it in its environment. Defaults: TD3+BC with the frozen MiniLM encoder on the "
-        "Hopper-v5 'low' dataset that ships with lmencoders.",
+        TrainConfig,
+        _train,
+        "train an offline RL agent and evaluate it",
+        "Train with d3rlpy (logs, model.json + model.pt and result.json in a fresh run folder "
+        "under --out; earlier runs are never touched), saving the model before evaluating it. "
+        "Defaults: TD3+BC with the frozen MiniLM encoder on the Hopper-v5 data that ships "
+        "with lmencoders.",
     )
-    tra.add_argument("--dataset", help="NeoRL-layout .npz (default: the shipped Hopper dataset)")
-    tra.add_argument("--train-num", type=int, help="keep only the first trajectories")
-    tra.add_argument("--algo", default="td3+bc", choices=sorted(ALGORITHMS))
-    tra.add_argument("--encoder", default="lm", choices=["lm", "vector"])
-    tra.add_argument("--tuning", default="frozen", choices=sorted(TUNING_MODES))
-    tra.add_argument("--model", default=DEFAULT_MODEL)
-    tra.add_argument("--description", help="default: the task's shipped description")
-    tra.add_argument("--env", help="evaluation env (default: from the dataset file name)")
-    tra.add_argument("--steps", type=int, default=5_000)
-    tra.add_argument("--eval-every", type=int, default=0, help="steps between evaluations")
-    tra.add_argument("--eval-episodes", type=int, default=5)
-    tra.add_argument("--batch-size", type=int, default=256)
-    tra.add_argument("--seed", type=int, default=0)
-    tra.add_argument("--device", default="cpu")
-    tra.add_argument("--out", default="runs", help="logs, model.d3 and result.json go here")
-    tra.add_argument("--no-tensorboard", action="store_true")
-    tra.set_defaults(run=_train)
-
-    eva = commands.add_parser("evaluate", help="evaluate a saved model in its environment")
-    eva.add_argument("model_file", help="a .d3 file (d3rlpy.load_learnable)")
-    eva.add_argument("--env", required=True, help="NeoRL task or gymnasium id, e.g. Hopper-v5")
-    eva.add_argument("--episodes", type=int, default=10)
-    eva.add_argument("--seed", type=int, default=0)
-    eva.add_argument("--device", default="cpu")
-    eva.set_defaults(run=_evaluate)
-
-    from .experiments import METHODS
-
-    exp = commands.add_parser(
+    command(
+        "evaluate",
+        EvaluateConfig,
+        _evaluate,
+        "evaluate a saved model in its environment",
+        "Evaluate a run's model (model.json + model.pt: loading runs no code from the files).",
+    )
+    command(
         "experiment",
-        help="run the paper's grid (datasets x methods x seeds), resumable",
-        description="Runs every (dataset, method, seed) whose result is missing; finished runs "
-        "are skipped, so the grid can be done in parts (--time-budget).",
+        ExperimentConfig,
+        _experiment,
+        "run the paper's grid (datasets x methods x seeds), resumable",
+        "Runs every (dataset, method, seed) whose result is missing; finished runs are "
+        "skipped, so the grid can be done in parts (--time-budget).",
     )
-    exp.add_argument("--datasets", nargs="+", required=True, help="NeoRL-layout .npz files")
-    exp.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    exp.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    exp.add_argument("--train-num", type=int, help="keep the first trajectories (99 as NeoRL v1)")
-    exp.add_argument("--steps", type=int, default=5_000)
-    exp.add_argument("--eval-every", type=int, default=1_000)
-    exp.add_argument("--eval-episodes", type=int, default=5)
-    exp.add_argument("--batch-size", type=int, default=256)
-    exp.add_argument("--lm-batch-size", type=int, help="batch for tuned-LM runs")
-    exp.add_argument("--model", default=DEFAULT_MODEL)
-    exp.add_argument("--device", default="cpu")
-    exp.add_argument("--out", default="experiments")
-    exp.add_argument("--time-budget", type=float, help="seconds; no new run starts after it")
-    exp.set_defaults(run=_experiment, argv=None)
-
-    rep = commands.add_parser(
-        "report", help="results table, CSV and learning curves from an experiment folder"
+    command(
+        "report",
+        ReportConfig,
+        _report,
+        "results table, CSV and learning curves from an experiment folder",
     )
-    rep.add_argument("--out", default="experiments", help="the experiment folder")
-    rep.add_argument("--results", default="RESULTS.md", help="Markdown file to write")
-    rep.add_argument("--notes", help="a Markdown file of comments to include")
-    rep.set_defaults(run=_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from .errors import LMEncodersError
 
+    argv = list(argv) if argv is not None else sys.argv[1:]
     args = build_parser().parse_args(argv)
-    if getattr(args, "argv", "missing") is None:
-        args.argv = list(argv) if argv is not None else sys.argv[1:]
+    args.argv = argv
+    if args.allow_download:
+        os.environ[ALLOW_DOWNLOAD] = "1"
     if not args.verbose:  # d3rlpy logs every config and epoch through structlog
         import structlog
 
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     try:
         return args.run(args)
-    except LMEncodersError as exc:
+    except (LMEncodersError, FileNotFoundError) as exc:
         print(f"lmencoders {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -17,35 +17,67 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import d3rlpy
 import numpy as np
 from tqdm.auto import tqdm
 
+from .checks import non_negative, positive
 from .datasets import read_neorl_file
 from .envs import episode_returns, make_env
+from .errors import ConfigError
 from .files import atomic_write
+from .options import option
 
-__all__ = ["CollectConfig", "collect", "rollout"]
+__all__ = ["CollectConfig", "collect", "rollout", "pick_policies", "shared_checkpoints"]
 
 LEVEL_FRACTIONS = {"low": 0.25, "medium": 0.5, "high": 0.75}
 
 
 @dataclasses.dataclass
 class CollectConfig:
-    env: str = "Hopper-v5"  # gymnasium id (MuJoCo tasks keep the x position, as NeoRL)
-    out_dir: str = "neorl-data"
-    sac_steps: int = 100_000
-    checkpoint_every: int = 5_000
-    eval_episodes: int = 5
-    levels: tuple[str, ...] = ("low", "medium", "high")
-    train_trajectories: int = 100
-    val_trajectories: int = 10
-    max_episode_steps: int = 1000
-    sample_probability: float = 0.2
-    scale_observations: bool = False  # standardise SAC's inputs (needed where scales differ)
-    seed: int = 0
+    """A collection run. Fields are the ``lmencoders collect`` options."""
+
+    env: str = option(
+        "Hopper-v5", "gymnasium id or finance (MuJoCo tasks keep the x position, as NeoRL)"
+    )
+    out_dir: str = option("neorl-data", "output folder", flag="--out")
+    sac_steps: int = option(100_000, "SAC environment steps")
+    checkpoint_every: int = option(5_000, "SAC steps between saved, evaluated policies")
+    eval_episodes: int = option(5, "episodes that evaluate each SAC checkpoint")
+    levels: tuple[str, ...] = option(
+        ("low", "medium", "high"), "dataset levels to make", choices=LEVEL_FRACTIONS
+    )
+    train_trajectories: int = option(100, "train trajectories per level", flag="--train")
+    val_trajectories: int = option(10, "val trajectories per level", flag="--val")
+    max_episode_steps: int = option(1000, "episode length limit of the rollouts")
+    sample_probability: float = option(0.2, "chance of a sampled (not the mean) action")
+    scale_observations: bool = option(
+        False, "standardise SAC's inputs with statistics of random-action rollouts (FinRL)"
+    )
+    seed: int = option(0, "random seed")
+
+    def __post_init__(self) -> None:
+        self.levels = tuple(self.levels)
+        for name in ("sac_steps", "checkpoint_every", "eval_episodes", "train_trajectories"):
+            setattr(self, name, positive(getattr(self, name), name))
+        for name in ("val_trajectories", "seed"):
+            setattr(self, name, non_negative(getattr(self, name), name))
+        self.max_episode_steps = positive(self.max_episode_steps, "max_episode_steps")
+        unknown = [level for level in self.levels if level not in LEVEL_FRACTIONS]
+        if unknown or not self.levels:
+            raise ConfigError(f"levels must be among {list(LEVEL_FRACTIONS)}, got {self.levels}")
+        if not 0.0 <= self.sample_probability <= 1.0:
+            raise ConfigError(
+                f"sample_probability must be within [0, 1], got {self.sample_probability!r}"
+            )
+        if self.checkpoint_every > self.sac_steps:
+            raise ConfigError(
+                f"checkpoint_every ({self.checkpoint_every}) is more than sac_steps "
+                f"({self.sac_steps}): no policy would be saved"
+            )
 
 
 def random_action_scaler(
@@ -119,6 +151,32 @@ def pick_policies(history: list[dict], levels: tuple[str, ...]) -> dict[str, dic
     }
 
 
+def shared_checkpoints(chosen: dict[str, dict]) -> dict[int, list[str]]:
+    """SAC steps that more than one level would come from (a run too short to tell them
+    apart), with those levels."""
+    levels_of: dict[int, list[str]] = {}
+    for level, checkpoint in chosen.items():
+        levels_of.setdefault(checkpoint["step"], []).append(level)
+    return {step: levels for step, levels in levels_of.items() if len(levels) > 1}
+
+
+def _announce(chosen: dict[str, dict]) -> dict[int, list[str]]:
+    for level, checkpoint in chosen.items():
+        print(
+            f"{level}: SAC step {checkpoint['step']} (return {checkpoint['return']:.1f})",
+            flush=True,
+        )
+    shared = shared_checkpoints(chosen)
+    for step, levels in shared.items():
+        warnings.warn(
+            f"levels {levels} all come from the same SAC checkpoint (step {step}): their data "
+            f"differ only by sampling noise. Train SAC longer (--sac-steps) or save checkpoints "
+            f"more often (--checkpoint-every)",
+            stacklevel=2,
+        )
+    return shared
+
+
 def rollout(
     algo, env, trajectories: int, max_steps: int, sample_probability: float, seed: int
 ) -> dict[str, np.ndarray]:
@@ -154,11 +212,13 @@ def collect(config: CollectConfig, command: str = "") -> dict:
     started = time.perf_counter()
     history = train_behaviour_policies(config, folder)
     chosen = pick_policies(history, config.levels)
+    shared = _announce(chosen)
     task = config.env
     record = {
         "command": command,
         "config": dataclasses.asdict(config),
         "sac_checkpoints": history,
+        "shared_checkpoints": {str(step): levels for step, levels in shared.items()},
         "datasets": {},
     }
     for level, checkpoint in chosen.items():

@@ -1,4 +1,9 @@
-"""NeoRL datasets from local files in NeoRL's own layout, checked against NeoRL's md5 index.
+"""Offline datasets from the places d3rlpy users keep them, as d3rlpy replay buffers.
+
+Sources (:func:`load_dataset`): NeoRL-layout ``.npz`` files (checked against NeoRL's md5
+index), d3rlpy ``.h5`` files (``ReplayBuffer.dump``), and local Minari datasets
+(``minari:<dataset id>``, through the optional ``minari`` package). Every source is refused
+with the file, field and row named when it holds NaN or inf.
 
 A NeoRL file ``<Task>-<level>-<N>-<train|val>[-noise].npz`` holds ``obs``, ``next_obs``,
 ``action``, ``reward`` (N, 1), ``done`` and ``index``: the start offset of every trajectory but
@@ -13,26 +18,41 @@ import functools
 import hashlib
 import importlib
 import json
+import re
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .checks import first_non_finite, optional_positive
 from .errors import LMEncodersError
+
+if TYPE_CHECKING:
+    from d3rlpy.dataset import ReplayBufferBase
 
 __all__ = [
     "DatasetFileError",
     "NeoRLData",
+    "OfflineDataset",
+    "load_dataset",
     "neorl_file_name",
+    "parse_neorl_file_name",
     "load_neorl",
     "read_neorl_file",
     "to_mdp_dataset",
-    "read_observations",
+    "replay_buffer_observations",
+    "shipped_dataset",
 ]
 
 KEYS = ("obs", "next_obs", "action", "reward", "done", "index")
 LEVELS = ("low", "medium", "high", "expert")
 _V1_NAMES = {99: 100, 999: 1000, 9999: 10000}
+_FILE_NAME = re.compile(
+    r"^(?P<task>.+)-(?P<level>low|medium|high|expert)-(?P<size>\d+)-(?P<split>train|val)"
+    r"(?:-noise)?\.npz$"
+)
+MINARI_PREFIX = "minari:"
 
 
 class DatasetFileError(LMEncodersError, ValueError):
@@ -58,6 +78,33 @@ def neorl_file_name(task: str, level: str, size: int, split: str = "train") -> s
         if name in index:
             return name
     return f"{base}.npz"  # a file made by our collector, not in NeoRL's index
+
+
+def parse_neorl_file_name(path: str | Path) -> dict[str, str | int] | None:
+    """``Hopper-v3-low-100-train-noise.npz`` -> task, level, size and split; ``None`` if the
+    name is not in NeoRL's layout."""
+    match = _FILE_NAME.match(Path(path).name)
+    if match is None:
+        return None
+    return match.groupdict() | {"size": int(match["size"])}
+
+
+def shipped_dataset() -> Path:
+    """The small Hopper-v5 dataset that ships with lmencoders (see its collect.json)."""
+    return Path(__file__).parent / "data" / "Hopper-v5-low-30-train.npz"
+
+
+def _refuse_non_finite(source: str, arrays: dict[str, np.ndarray], row_offset: int = 0) -> None:
+    for field, array in arrays.items():
+        bad = first_non_finite(array)
+        if bad is not None:
+            row, col = bad
+            where = f"row {row + row_offset}" + (f", column {col}" if np.ndim(array) > 1 else "")
+            value = float(np.asarray(array).reshape(len(array), -1)[row, col])
+            raise DatasetFileError(
+                f"{source}: field '{field}' {where} is {value!r}; training on NaN/inf gives a "
+                f"NaN policy (drop or repair the transitions first)"
+            )
 
 
 @dataclasses.dataclass
@@ -128,7 +175,9 @@ def read_neorl_file(path: str | Path, verify: bool = True) -> NeoRLData:
                     f"{path}: not a NeoRL dataset: missing {missing} (has {sorted(data.keys())})"
                 )
             arrays = {k: np.asarray(data[k]) for k in KEYS}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    except DatasetFileError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DatasetFileError(f"{path}: unreadable .npz file ({exc})") from None
     n = len(arrays["obs"])
     for key in ("next_obs", "action", "reward", "done"):
@@ -138,6 +187,7 @@ def read_neorl_file(path: str | Path, verify: bool = True) -> NeoRLData:
         raise DatasetFileError(
             f"{path}: 'reward' must have shape (N, 1), got {arrays['reward'].shape}"
         )
+    _refuse_non_finite(str(path), {k: arrays[k] for k in ("obs", "next_obs", "action", "reward")})
     index = np.concatenate([[0], arrays["index"].reshape(-1)]).astype(np.int64)
     if (np.diff(index) <= 0).any() or index[-1] >= max(n, 1):
         raise DatasetFileError(f"{path}: 'index' is not increasing within 0..{n - 1}")
@@ -225,28 +275,164 @@ def to_mdp_dataset(data: NeoRLData):
     )
 
 
-def read_observations(path: str | Path) -> np.ndarray:
-    """Every observation a dataset file holds (``obs`` and ``next_obs`` for NeoRL ``.npz``;
-    episode observations for a d3rlpy ``.h5`` written by ``ReplayBuffer.dump``)."""
-    path = Path(path)
+def replay_buffer_observations(buffer: ReplayBufferBase) -> np.ndarray:
+    """Every observation an encoder meets when training on ``buffer``: the episodes'
+    observations, and the all-zero next observation d3rlpy gives terminal steps. One function
+    for ``precompute`` and ``train``, so both key the feature cache by the same rows."""
+    episodes = buffer.episodes
+    observations = np.concatenate([np.asarray(ep.observations) for ep in episodes])
+    if any(ep.terminated for ep in episodes):
+        observations = np.concatenate([observations, np.zeros_like(observations[:1])])
+    return observations
+
+
+@dataclasses.dataclass
+class OfflineDataset:
+    """A dataset ready for d3rlpy, whatever file or store it came from."""
+
+    name: str  # for run names: the file stem or the Minari id
+    source: str  # what was asked for
+    buffer: ReplayBufferBase  # what d3rlpy's fit takes
+    env: str | None  # the evaluation environment the data names, if it does
+
+    @property
+    def trajectories(self) -> int:
+        return len(self.buffer.episodes)
+
+    def returns(self) -> np.ndarray:
+        return np.array([float(np.sum(ep.rewards)) for ep in self.buffer.episodes])
+
+    def observations(self) -> np.ndarray:
+        return replay_buffer_observations(self.buffer)
+
+
+def load_dataset(source: str | Path, train_num: int | None = None) -> OfflineDataset:
+    """Load a NeoRL-layout ``.npz``, a d3rlpy ``.h5`` or ``minari:<dataset id>``; with
+    ``train_num``, keep its first trajectories."""
+    train_num = optional_positive(train_num, "train_num")
+    text = str(source)
+    if text.startswith(MINARI_PREFIX):
+        return _load_minari(text[len(MINARI_PREFIX) :], train_num)
+    path = Path(source)
+    if path.suffix == ".npz":
+        data = read_neorl_file(path)
+        if train_num is not None:
+            data = data.first(train_num)
+        parsed = parse_neorl_file_name(path)
+        env = str(parsed["task"]) if parsed else None
+        return OfflineDataset(path.stem, text, to_mdp_dataset(data), env)
+    if path.suffix in {".h5", ".hdf5"}:
+        return OfflineDataset(path.stem, text, _read_d3rlpy_file(path, train_num), None)
+    if not path.exists():
+        raise DatasetFileError(f"{path}: no such dataset file")
+    raise DatasetFileError(
+        f"{path}: unknown dataset format (expected a NeoRL .npz, a d3rlpy .h5, or "
+        f"minari:<dataset id>)"
+    )
+
+
+def _keep_first(source: str, episodes: list, train_num: int | None) -> list:
+    if train_num is None:
+        return episodes
+    if train_num > len(episodes):
+        raise DatasetFileError(
+            f"{source}: asked for {train_num} trajectories, it has {len(episodes)}"
+        )
+    return episodes[:train_num]
+
+
+def _read_d3rlpy_file(path: Path, train_num: int | None) -> ReplayBufferBase:
+    import d3rlpy
+
     if not path.is_file():
         raise DatasetFileError(f"{path}: no such dataset file")
-    if path.suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                if "obs" not in data:
-                    raise DatasetFileError(f"{path}: no 'obs' array (keys: {sorted(data.keys())})")
-                parts = [data["obs"]] + ([data["next_obs"]] if "next_obs" in data else [])
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:
-            raise DatasetFileError(f"{path}: unreadable .npz file ({exc})") from None
-        return np.concatenate([np.asarray(p).reshape(len(p), -1) for p in parts])
-    if path.suffix in {".h5", ".hdf5"}:
-        import d3rlpy
+    try:
+        with open(path, "rb") as f:
+            buffer = d3rlpy.dataset.ReplayBuffer.load(f, d3rlpy.dataset.InfiniteBuffer())
+    except Exception as exc:  # h5py raises several types for broken files
+        raise DatasetFileError(f"{path}: unreadable d3rlpy dataset ({exc})") from None
+    offset = 0
+    for episode in buffer.episodes:
+        fields = {
+            "observations": np.asarray(episode.observations),
+            "actions": np.asarray(episode.actions),
+            "rewards": np.asarray(episode.rewards),
+        }
+        _refuse_non_finite(str(path), fields, row_offset=offset)
+        offset += episode.size()
+    episodes = _keep_first(str(path), list(buffer.episodes), train_num)
+    if len(episodes) == len(buffer.episodes):
+        return buffer
+    return d3rlpy.dataset.ReplayBuffer(
+        d3rlpy.dataset.InfiniteBuffer(),
+        episodes=episodes,
+        action_space=buffer.dataset_info.action_space,
+        action_size=buffer.dataset_info.action_size,
+    )
 
-        try:
-            with open(path, "rb") as f:
-                buffer = d3rlpy.dataset.ReplayBuffer.load(f, d3rlpy.dataset.InfiniteBuffer())
-        except (OSError, KeyError, ValueError) as exc:
-            raise DatasetFileError(f"{path}: unreadable d3rlpy dataset ({exc})") from None
-        return np.concatenate([ep.observations for ep in buffer.episodes])
-    raise DatasetFileError(f"{path}: unknown dataset format (expected .npz or .h5)")
+
+def minari_dataset(dataset_id: str):
+    """A local Minari dataset (never downloaded: the hub is not assumed reachable)."""
+    try:
+        import minari
+    except ImportError:
+        raise DatasetFileError(
+            f"minari:{dataset_id}: reading Minari datasets needs the minari package "
+            f"(pip install 'lmencoders[minari]')"
+        ) from None
+    local = minari.list_local_datasets()
+    if dataset_id not in local:
+        where = minari.storage.get_dataset_path() if hasattr(minari, "storage") else "~/.minari"
+        raise DatasetFileError(
+            f"minari:{dataset_id}: no such local Minari dataset (local: {sorted(local)}; "
+            f"MINARI_DATASETS_PATH or {where}); download it with `minari download "
+            f"{dataset_id}` on a machine with network access"
+        )
+    return minari.load_dataset(dataset_id)
+
+
+def _load_minari(dataset_id: str, train_num: int | None) -> OfflineDataset:
+    """Minari episodes -> d3rlpy: a terminated episode ends terminal; any other ends by
+    time-out and keeps its last observation (as :func:`to_mdp_dataset`)."""
+    import d3rlpy
+    import gymnasium as gym
+
+    source = f"{MINARI_PREFIX}{dataset_id}"
+    dataset = minari_dataset(dataset_id)
+    if not isinstance(dataset.observation_space, gym.spaces.Box):
+        raise DatasetFileError(
+            f"{source}: observations are {type(dataset.observation_space).__name__}; LM "
+            f"encoders need flat Box observations"
+        )
+    obs, actions, rewards, terminals, timeouts = [], [], [], [], []
+    offset = 0
+    for episode in _keep_first(source, list(dataset.iterate_episodes()), train_num):
+        steps = len(episode.actions)
+        fields = {
+            "observations": np.asarray(episode.observations, dtype=np.float64),
+            "actions": np.asarray(episode.actions, dtype=np.float64),
+            "rewards": np.asarray(episode.rewards, dtype=np.float64),
+        }
+        _refuse_non_finite(source, fields, row_offset=offset)
+        offset += steps
+        terminated = bool(episode.terminations[-1])
+        keep = steps if terminated else steps + 1  # a time-out keeps its final observation
+        obs.append(fields["observations"][:keep])
+        actions.append(
+            np.concatenate([fields["actions"], np.zeros_like(fields["actions"][:1])])[:keep]
+        )
+        rewards.append(np.append(fields["rewards"], 0.0)[:keep])
+        terminal = np.zeros(keep, bool)
+        timeout = np.zeros(keep, bool)
+        (terminal if terminated else timeout)[-1] = True
+        terminals.append(terminal)
+        timeouts.append(timeout)
+    buffer = d3rlpy.dataset.MDPDataset(
+        np.concatenate(obs).astype(np.float32),
+        np.concatenate(actions).astype(np.float32),
+        np.concatenate(rewards).astype(np.float32),
+        np.concatenate(terminals),
+        np.concatenate(timeouts),
+        action_space=d3rlpy.ActionSpace.CONTINUOUS,
+    )
+    return OfflineDataset(dataset_id.replace("/", "-"), source, buffer, source)

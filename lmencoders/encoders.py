@@ -7,16 +7,18 @@ The only module that knows d3rlpy. Invariants (each has a test):
   checkpoints would store one LM copy per encoder. Encoders look the shared body up instead.
 - Encoders register only what they train (head, and the LM tensors of the tuning mode) and a
   buffer with the sha256 of the LM weights, checked when a checkpoint is loaded.
-- The text is written from raw observations: give the factory the same ``observation_scaler``
-  object as the algorithm. Frozen encoders find stored rows by the exact bits of their scaled
-  form; other inputs are unscaled before formatting (float32 unscaling keeps ~7 significant
-  digits, so a tuned LM reads e.g. a FinRL balance of 1e6 to within ~0.1).
+- The text is written from raw observations: encoders unscale with the algorithm's own
+  observation scaler (the factory finds it; a different one is refused). Frozen encoders find
+  stored rows by the exact bits of their scaled form; other inputs are unscaled before
+  formatting (float32 unscaling keeps ~7 significant digits, so a tuned LM reads e.g. a FinRL
+  balance of 1e6 to within ~0.1).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -24,6 +26,7 @@ from typing import Literal
 import d3rlpy
 import numpy as np
 import torch
+from d3rlpy.base import LearnableBase
 from d3rlpy.models.encoders import EncoderFactory, register_encoder_factory
 from d3rlpy.models.torch import Encoder, EncoderWithAction
 from d3rlpy.models.utility import create_activation
@@ -43,6 +46,7 @@ from .backbone import (
 )
 from .cache import default_cache_dir
 from .checks import optional_positive, positive
+from .datasets import replay_buffer_observations
 from .description import StateDescription, as_description_field, load_description
 from .errors import ConfigError, ModelMismatchError
 from .features import PrecomputeReport, frozen_features, precompute_features
@@ -248,8 +252,9 @@ class LMEncoderFactory(EncoderFactory):
         batch_size: texts per LM forward; ``None`` = 16 on CPU (small batches run faster
             there), 256 on GPU.
         lora_rank, lora_alpha, lora_target_modules: LoRA settings (``tuning="lora"``).
-        observation_scaler: the algorithm's observation scaler (same object), so the LM reads
-            raw values; ``None`` when the algorithm does not scale observations.
+        observation_scaler: ``None`` (default) uses the algorithm's observation scaler, found
+            when d3rlpy builds the encoders, so the LM reads raw values; a scaler given here
+            must be the algorithm's (the same object), or building the encoders fails.
     """
 
     description: str = "hopper"
@@ -308,8 +313,37 @@ class LMEncoderFactory(EncoderFactory):
             self.pooling,
             self.max_length,
             self.batch_size,
-            self.observation_scaler,
+            self.scaler_for(_algorithm_being_built()),
         )
+
+    def scaler_for(self, algo: LearnableBase | None) -> ObservationScaler | None:
+        """The scaler whose inverse turns the encoder's inputs back into raw values: the
+        algorithm's own, which is what d3rlpy applies to every observation it feeds.
+
+        ``None`` here means "the algorithm's". A scaler given here must be the algorithm's
+        (the same object, or an equal one, as after ``d3rlpy.load_learnable``): anything else
+        would make the LM read wrongly unscaled numbers, so it is refused with what to do."""
+        mine = self.observation_scaler
+        if algo is None:  # built outside an algorithm (tests, custom code)
+            return mine
+        theirs = algo.config.observation_scaler
+        name = type(algo).__name__
+        if mine is None or mine is theirs:
+            return theirs
+        if theirs is None:
+            raise ConfigError(
+                f"LMEncoderFactory has an observation_scaler but {name} has none, so the "
+                f"encoders would 'unscale' raw observations. Give the scaler to the algorithm "
+                f"config too (observation_scaler=...), or leave the factory's at None"
+            )
+        if type(mine) is not type(theirs) or mine.serialize() != theirs.serialize():
+            raise ConfigError(
+                f"LMEncoderFactory's observation_scaler ({type(mine).__name__}) is another "
+                f"object than {name}'s ({type(theirs).__name__}), so the LM would read numbers "
+                f"unscaled by the wrong statistics. Leave the factory's at None (it then uses "
+                f"the algorithm's), or pass the same object to both"
+            )
+        return theirs
 
     def _head_input(self, features: TextFeatures, observation_shape: Sequence[int]) -> int:
         return features.output_size + (int(observation_shape[0]) if self.concat_observation else 0)
@@ -349,11 +383,7 @@ class LMEncoderFactory(EncoderFactory):
         if self.tuning != "frozen":
             raise ValueError(f"precompute needs tuning='frozen'; {self.tuning!r} trains the LM")
         if isinstance(observations, d3rlpy.dataset.ReplayBufferBase):
-            episodes = observations.episodes
-            observations = np.concatenate([ep.observations for ep in episodes])
-            if any(ep.terminated for ep in episodes):  # d3rlpy's next observation after a
-                zero = np.zeros_like(observations[:1])  # terminal step is all zeros
-                observations = np.concatenate([observations, zero])
+            observations = replay_buffer_observations(observations)
         return precompute_features(
             observations,
             self.load_description(),
@@ -365,6 +395,21 @@ class LMEncoderFactory(EncoderFactory):
             cache_dir=None if cache_dir is False else (cache_dir or default_cache_dir()),
             show_progress=show_progress,
         )
+
+
+def _algorithm_being_built() -> LearnableBase | None:
+    """The d3rlpy algorithm whose ``create_impl`` is calling the factory, if any.
+
+    d3rlpy gives encoder factories no reference to the algorithm; its builders are called from
+    the algorithm's own methods, where the algorithm is ``self`` (d3rlpy is pinned, and a test
+    checks this for every continuous algorithm)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, LearnableBase):
+            return candidate
+        frame = frame.f_back
+    return None
 
 
 def register() -> None:

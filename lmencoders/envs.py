@@ -10,6 +10,7 @@ from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
+from tqdm.auto import tqdm
 
 __all__ = [
     "TASKS",
@@ -19,6 +20,8 @@ __all__ = [
     "FinRLEnv",
     "default_market_file",
     "normalized_score",
+    "FINRL_ID",
+    "register_environments",
 ]
 
 # task -> (gymnasium id or None, description name, NeoRL (random, expert) returns or None)
@@ -30,13 +33,21 @@ TASKS: dict[str, tuple[str | None, str, tuple[float, float] | None]] = {
 }
 
 
+FINRL_ID = "lmencoders/FinRL-v0"
+
+
 def make_env(task: str, **kwargs) -> gym.Env:
-    """The evaluation environment of a NeoRL task name (``Hopper-v3``...) or a gymnasium id.
+    """The evaluation environment of a NeoRL task name (``Hopper-v3``...), a gymnasium id, or
+    ``minari:<dataset id>`` (the environment the Minari dataset was recorded in).
 
     MuJoCo tasks are gymnasium v5 with the x position kept in the observation, as NeoRL
     recorded them (``exclude_current_positions_from_observation=False``)."""
     if task == "finance":
         return FinRLEnv(**kwargs)
+    if task.startswith("minari:"):
+        from .datasets import minari_dataset
+
+        return minari_dataset(task.removeprefix("minari:")).recover_environment()
     env_id = TASKS[task][0] if task in TASKS else task
     if env_id.split("-")[0] in ("Hopper", "Walker2d", "HalfCheetah"):
         kwargs.setdefault("exclude_current_positions_from_observation", False)
@@ -44,15 +55,26 @@ def make_env(task: str, **kwargs) -> gym.Env:
 
 
 def episode_returns(
-    act: Callable[[np.ndarray], np.ndarray], envs: Sequence[gym.Env], seed: int = 0
+    act: Callable[[np.ndarray], np.ndarray],
+    envs: Sequence[gym.Env],
+    seed: int = 0,
+    show_progress: bool = False,
 ) -> list[float]:
     """Undiscounted return of one episode per environment (reset seeds ``seed``, ``seed + 1``...).
 
     The episodes run in lockstep and ``act`` maps a batch of observations to a batch of
-    actions: an LM policy then encodes all live episodes in one forward pass per step."""
+    actions: an LM policy then encodes all live episodes in one forward pass per step. The
+    progress bar counts lockstep steps (one policy call each)."""
     observations = [env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]
     totals = [0.0] * len(envs)
     live = list(range(len(envs)))
+    horizon = envs[0].spec.max_episode_steps if envs and envs[0].spec else None
+    bar = tqdm(
+        total=horizon,
+        desc=f"evaluating {len(envs)} episodes",
+        unit="step",
+        disable=not show_progress,
+    )
     while live:
         actions = act(np.stack([observations[i] for i in live]))
         still = []
@@ -62,16 +84,31 @@ def episode_returns(
             if not (terminated or truncated):
                 still.append(i)
         live = still
+        bar.update(1)
+        bar.set_postfix(live=len(live))
+    bar.close()
     return totals
 
 
-def description_for(task: str) -> str:
-    """The shipped description of a task's observations (MuJoCo tasks in NeoRL's layout)."""
+def description_for(task: str, observation_size: int | None = None) -> str:
+    """The shipped description of a task's observations: NeoRL's layout (x position kept),
+    or gymnasium's default layout when ``observation_size`` says so (e.g. Minari data)."""
     if task in TASKS:
         return TASKS[task][1]
+    if task.startswith("minari:"):
+        from .datasets import minari_dataset
+
+        spec = minari_dataset(task.removeprefix("minari:")).spec.env_spec
+        if spec is None:
+            raise ValueError(f"{task} names no environment: pass description= explicitly")
+        return description_for(spec.id, observation_size)
     family = task.split("-")[0].lower()
     if family in ("hopper", "walker2d", "halfcheetah"):
-        return family
+        from .description import load_description
+
+        for name in (family, f"{family}-v5"):
+            if observation_size in (None, load_description(name).size):
+                return name
     raise ValueError(f"no shipped description for {task!r}: pass description= explicitly")
 
 
@@ -177,3 +214,9 @@ class FinRLEnv(gym.Env):
         reward = (self.total_assets() - begin) * self.reward_scaling
         terminated = self.day >= len(self.dates) - 1
         return self._observation(), reward, terminated, False, {"total_assets": self.total_assets()}
+
+
+def register_environments() -> None:
+    """Make ``gymnasium.make("lmencoders/FinRL-v0")`` work (once per process)."""
+    if FINRL_ID not in gym.registry:
+        gym.register(FINRL_ID, entry_point=FinRLEnv)

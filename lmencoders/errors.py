@@ -37,3 +37,7 @@ class ConfigError(LMEncodersError, ValueError):
 
 class FeatureError(LMEncodersError, RuntimeError):
     """The LM produced features that cannot be used (NaN or inf); nothing was cached."""
+
+
+class UnsafeFileError(LMEncodersError, ValueError):
+    """A file whose loading would run code from it (a pickle) was not explicitly trusted."""

@@ -2,27 +2,25 @@
 
 Every run writes its own ``result.json`` (and d3rlpy's ``environment.csv`` learning curve); a
 run whose result exists is skipped, so the grid can be worked through in parts that each fit a
-session (``time_budget``), and the results merge by construction. ``report`` turns the run
-folders into ``results.csv``, a Markdown table (mean +- std over seeds, normalised where NeoRL
-has references) and learning-curve plots.
+session (``time_budget``), and the results merge by construction. :mod:`lmencoders.report`
+turns the run folders into tables and plots.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import time
-from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
+from tqdm.auto import tqdm
 
 from .backbone import DEFAULT_MODEL
+from .checks import non_negative, optional_positive, positive
 from .errors import ConfigError
-from .train import TrainConfig, run_name, train
+from .options import option
+from .train import TrainConfig, finished_run, run_name, train
 
-__all__ = ["METHODS", "PAPER_RESULTS", "ExperimentConfig", "run_experiment", "report"]
+__all__ = ["METHODS", "PAPER_RESULTS", "ExperimentConfig", "run_experiment"]
 
 # The paper's columns: method -> (algorithm, encoder, tuning)
 METHODS: dict[str, tuple[str, str, str]] = {
@@ -78,19 +76,39 @@ PAPER_RESULTS: dict[str, dict[str, float]] = {
 
 @dataclasses.dataclass
 class ExperimentConfig:
-    datasets: list[str]
-    methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))
-    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
-    train_num: int | None = None  # keep the first trajectories (NeoRL's 99 of a 100 file)
-    steps: int = 5_000
-    eval_every: int = 1_000
-    eval_episodes: int = 5
-    batch_size: int = 256
-    lm_batch_size: int | None = None  # batch for runs with a tuned LM (None: batch_size)
-    model: str = DEFAULT_MODEL
-    device: str = "cpu"
-    out_dir: str = "experiments"
-    time_budget: float | None = None  # seconds; no new run starts after it
+    """A grid of runs. Fields are the ``lmencoders experiment`` options."""
+
+    datasets: list[str] = option(help="datasets (NeoRL .npz, d3rlpy .h5 or minari:<id>)")
+    methods: list[str] = option(list(METHODS), "the paper's methods to run", choices=METHODS)
+    seeds: list[int] = option([0, 1, 2], "random seeds")
+    train_num: int | None = option(None, "keep the first trajectories (99 as NeoRL v1)")
+    steps: int = option(5_000, "gradient steps per run")
+    eval_every: int = option(1_000, "steps between evaluations (the learning curve)")
+    eval_episodes: int = option(5, "evaluation episodes")
+    batch_size: int = option(256, "transitions per gradient step")
+    lm_batch_size: int | None = option(None, "batch for runs with a tuned LM (default: batch_size)")
+    model: str = option(DEFAULT_MODEL, "Hugging Face name or local directory of the LM")
+    device: str = option("cpu", "torch device")
+    out_dir: str = option("experiments", "the experiment folder", flag="--out")
+    time_budget: float | None = option(None, "seconds; no new run starts after it")
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+        if not self.datasets or not self.methods or not self.seeds:
+            raise ConfigError("datasets, methods and seeds must each name at least one")
+        self.seeds = [non_negative(s, "seeds[]") for s in self.seeds]
+        self.train_num = optional_positive(self.train_num, "train_num")
+        self.steps = positive(self.steps, "steps")
+        self.eval_every = non_negative(self.eval_every, "eval_every")
+        self.eval_episodes = positive(self.eval_episodes, "eval_episodes")
+        self.batch_size = positive(self.batch_size, "batch_size")
+        self.lm_batch_size = optional_positive(self.lm_batch_size, "lm_batch_size")
+        if self.time_budget is not None and self.time_budget < 0:
+            raise ConfigError(f"time_budget must be >= 0 seconds, got {self.time_budget!r}")
+        for method in self.methods:  # every run's settings are checked before any starts
+            _train_config(self, self.datasets[0], method, self.seeds[0])
 
 
 def _train_config(config: ExperimentConfig, dataset: str, method: str, seed: int) -> TrainConfig:
@@ -116,259 +134,28 @@ def _train_config(config: ExperimentConfig, dataset: str, method: str, seed: int
 
 def run_experiment(config: ExperimentConfig) -> dict[str, int]:
     """Run every missing (dataset, method, seed); returns counts of done/skipped/left runs."""
-    unknown = [m for m in config.methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"unknown methods {unknown}; choose from {list(METHODS)}")
     started = time.perf_counter()
     counts = {"done": 0, "skipped": 0, "left": 0}
     runs = Path(config.out_dir) / "runs"
-    for dataset in config.datasets:
-        for seed in config.seeds:
-            for method in config.methods:
-                train_config = _train_config(config, dataset, method, seed)
-                if (runs / run_name(train_config) / "result.json").is_file():
-                    counts["skipped"] += 1
-                    continue
-                over = time.perf_counter() - started > (config.time_budget or 0)
-                if config.time_budget is not None and over:
-                    counts["left"] += 1
-                    continue
-                print(f"[{method}] {Path(dataset).name} seed {seed}", flush=True)
-                result = train(train_config)
-                evaluation = result["evaluation"]
-                print(
-                    f"  return {evaluation['mean_return']:.1f} in {result['train_seconds']:.0f} s",
-                    flush=True,
-                )
-                counts["done"] += 1
-    return counts
-
-
-def _method_of(result: dict) -> str:
-    c = result["config"]
-    for method, (algo, encoder, tuning) in METHODS.items():
-        if (c["algo"], c["encoder"]) == (algo, encoder) and (
-            encoder == "vector" or c["tuning"] == tuning
-        ):
-            return method
-    return f"{c['algo']}-{c['encoder']}-{c['tuning']}"
-
-
-def _learning_curve(run_dir: Path) -> list[tuple[int, float]]:
-    path = run_dir / "environment.csv"
-    if not path.is_file():
-        return []
-    with open(path) as f:
-        return [(int(row[1]), float(row[2])) for row in csv.reader(f) if len(row) >= 3]
-
-
-def _finished_runs(out: Path) -> list[tuple[Path, dict]]:
-    """Every run folder that holds a ``result.json``, with the record read from it."""
-    return [
-        (path.parent, json.loads(path.read_text()))
-        for path in sorted((out / "runs").glob("*/result.json"))
+    grid = [
+        (dataset, seed, method)
+        for dataset in config.datasets
+        for seed in config.seeds
+        for method in config.methods
     ]
-
-
-def report(out_dir: str | Path) -> str:
-    """``results.csv``, a Markdown table and ``curves-<dataset>.png`` from the run folders."""
-    out = Path(out_dir)
-    return _report(out, _finished_runs(out))
-
-
-def _report(out: Path, runs: list[tuple[Path, dict]]) -> str:
-    rows = []
-    for run_dir, result in runs:
-        evaluation = result["evaluation"]
-        rows.append(
-            {
-                "dataset": Path(result["config"]["dataset"]).stem,
-                "method": _method_of(result),
-                "seed": result["config"]["seed"],
-                "steps": result["config"]["steps"],
-                "batch_size": result["config"]["batch_size"],
-                "mean_return": evaluation["mean_return"],
-                "normalized_score": evaluation["normalized_score"],
-                "episodes": evaluation["episodes"],
-                "trajectories": result["dataset_trajectories"],
-                "data_return": result["dataset_mean_return"],
-                "train_seconds": result["train_seconds"],
-                "run": run_dir.name,
-            }
-        )
-    if not rows:
-        raise FileNotFoundError(f"no finished runs under {out / 'runs'}")
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for row in rows:
-        groups[(row["dataset"], row["method"])].append(row)
-    datasets = sorted({r["dataset"] for r in rows})
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    lines = [
-        "| dataset | trajectories | method | return (mean +- std over seeds) | normalised "
-        "| seeds | steps | eval episodes |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for dataset in datasets:
-        for method in methods:
-            group = groups.get((dataset, method))
-            if not group:
-                continue
-            returns = np.array([r["mean_return"] for r in group])
-            scores = [r["normalized_score"] for r in group if r["normalized_score"] is not None]
-            normalized = f"{np.mean(scores):.1f} +- {np.std(scores):.1f}" if scores else "-"
-            lines.append(
-                f"| {dataset} | {_values(group, 'trajectories')} | {method} | "
-                f"{returns.mean():.1f} +- {returns.std():.1f} | {normalized} | {len(group)} | "
-                f"{_values(group, 'steps')} | {_values(group, 'episodes')} |"
-            )
-    _plot_curves(out, rows)
-    return _summary(groups, datasets, methods) + "\n\nEvery cell:\n\n" + "\n".join(lines)
-
-
-def _summary(groups: dict, datasets: list[str], methods: list[str]) -> str:
-    """Datasets x methods, as the paper lays out its table: mean return (seeds), next to the
-    return of the data itself (what behaviour cloning can reach)."""
-    lines = [
-        "| dataset | data | " + " | ".join(methods) + " |",
-        "|---|---|" + "---|" * len(methods),
-    ]
-    for dataset in datasets:
-        runs = [run for (d, _), group in groups.items() if d == dataset for run in group]
-        cells = [_values(runs, "data_return", "{:.1f}")]
-        for method in methods:
-            returns = [r["mean_return"] for r in groups.get((dataset, method), [])]
-            cells.append(f"{np.mean(returns):.1f} ({len(returns)})" if returns else "-")
-        lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _values(group: list[dict], key: str, form: str = "{}") -> str:
-    """The distinct values of a column in a group of runs (one, unless settings were mixed)."""
-    return ", ".join(form.format(v) for v in sorted({r[key] for r in group}))
-
-
-def _plot_curves(out: Path, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    for dataset in sorted({r["dataset"] for r in rows}):
-        figure, axis = plt.subplots(figsize=(7, 4.5))
-        for method in METHODS:
-            curves = [
-                _learning_curve(out / "runs" / r["run"])
-                for r in rows
-                if r["dataset"] == dataset and r["method"] == method
-            ]
-            curves = [c for c in curves if c]
-            if not curves:
-                continue
-            length = min(len(c) for c in curves)
-            steps = [s for s, _ in curves[0][:length]]
-            values = np.array([[v for _, v in c[:length]] for c in curves])
-            axis.plot(steps, values.mean(0), label=f"{method} ({len(curves)} seeds)")
-            axis.fill_between(steps, values.min(0), values.max(0), alpha=0.15)
-        for data_return in sorted({r["data_return"] for r in rows if r["dataset"] == dataset}):
-            axis.axhline(data_return, color="gray", linestyle="--", linewidth=1)
-            axis.annotate(
-                "data",
-                (0.99, data_return),
-                xycoords=("axes fraction", "data"),
-                ha="right",
-                va="bottom",
-                color="gray",
-                fontsize=8,
-            )
-        axis.set_xlabel("gradient steps")
-        axis.set_ylabel("evaluation return")
-        axis.set_title(dataset)
-        axis.legend(fontsize=8)
-        figure.tight_layout()
-        figure.savefig(out / f"curves-{dataset}.png", dpi=110)
-        plt.close(figure)
-
-
-def _paper_table() -> str:
-    methods = list(METHODS)
-    lines = [
-        "| NeoRL v1 task (low, 99 trajectories) | " + " | ".join(methods) + " |",
-        "|---|" + "---|" * len(methods),
-    ]
-    for task, scores in PAPER_RESULTS.items():
-        lines.append(f"| {task} | " + " | ".join(str(scores.get(m, "-")) for m in methods) + " |")
-    return "\n".join(lines)
-
-
-def _provenance(runs: list[tuple[Path, dict]]) -> str:
-    """Where each dataset of the runs came from, read from the collector's ``collect.json``
-    beside the file (NeoRL's own files have none)."""
-    files = {}
-    for _, result in runs:
-        path = Path(result["config"]["dataset"])
-        files[path.name] = path
-    lines = []
-    for name, path in sorted(files.items()):
-        record_file = path.parent / "collect.json"
-        record = json.loads(record_file.read_text()) if record_file.is_file() else {}
-        made = record.get("datasets", {}).get(name)
-        if made is None:
-            lines.append(f"- `{name}`: no collector record beside it")
+    bar = tqdm(grid, desc="experiment", unit="run")
+    for dataset, seed, method in bar:
+        train_config = _train_config(config, dataset, method, seed)
+        if finished_run(runs, run_name(train_config)) is not None:
+            counts["skipped"] += 1
             continue
-        best = max(c["return"] for c in record["sac_checkpoints"])
-        lines.append(
-            f"- `{name}`: `{record['command']}`; best SAC return {best:.1f}, {made['level']} "
-            f"policy from SAC step {made['policy_step']}; {made['trajectories']} trajectories, "
-            f"return {made['mean_return']:.1f} +- {made['std_return']:.1f}"
-        )
-    return "\n".join(lines)
-
-
-def write_results(
-    out_dir: str | Path, results_file: str | Path = "RESULTS.md", notes: str = ""
-) -> str:
-    """Write ``RESULTS.md`` (table, commands, paper numbers) with its CSV and plots in a
-    ``results/`` folder beside it; returns the table."""
-    import shutil
-
-    out, target = Path(out_dir), Path(results_file)
-    runs = _finished_runs(out)
-    table = _report(out, runs)
-    figures = target.parent / "results"
-    figures.mkdir(parents=True, exist_ok=True)
-    shutil.copy(out / "results.csv", figures / "results.csv")
-    plots = []
-    for png in sorted(out.glob("curves-*.png")):
-        shutil.copy(png, figures / png.name)
-        plots.append(f"![{png.stem}](results/{png.name})")
-    log = out / "experiment.json"
-    invocations = json.loads(log.read_text()) if log.is_file() else []
-    commands = "\n".join(dict.fromkeys(i["command"] for i in invocations)) or "(not recorded)"
-    text = (
-        "# Results: does language help offline RL?\n\n"
-        "Generated by `lmencoders report` from the run folders of `lmencoders experiment` "
-        "(do not edit the tables by hand).\n\n"
-        f"Commands that produced the runs:\n\n```\n{commands}\n```\n\n"
-        f"Datasets:\n\n{_provenance(runs)}\n\n"
-        "Returns are undiscounted evaluation returns of the final policy (mean over the "
-        "evaluation episodes of a run), then averaged over seeds. The first table is laid out "
-        "like the paper's (mean return, number of seeds in brackets), after the mean return of "
-        "the training trajectories themselves (data); the second gives each "
-        "cell's std over seeds, NeoRL-normalised score (random/expert references) and "
-        "settings.\n\n"
-        f"{table}\n\n"
-        + "\n\n".join(plots)
-        + "\n\n"
-        + (f"{notes.strip()}\n\n" if notes else "")
-        + "## The paper's numbers, for comparison\n\n"
-        "Tarasov et al. (2022): raw returns on NeoRL v1 low datasets (99 trajectories); "
-        "the paper gives no LM-Finetune number for FinRL.\n\n"
-        f"{_paper_table()}\n"
-    )
-    target.write_text(text)
-    return table
+        over = time.perf_counter() - started > (config.time_budget or 0)
+        if config.time_budget is not None and over:
+            counts["left"] += 1
+            continue
+        bar.write(f"[{method}] {Path(dataset).name} seed {seed}")
+        result = train(train_config)
+        evaluation = result["evaluation"]
+        bar.write(f"  return {evaluation['mean_return']:.1f} in {result['train_seconds']:.0f} s")
+        counts["done"] += 1
+    return counts

@@ -1,23 +1,33 @@
-"""Train and evaluate one offline RL agent on a NeoRL-layout dataset (the CLI's engine)."""
+"""Train and evaluate one offline RL agent (the CLI's engine).
+
+A run never destroys another: each configuration has its own folder name (dataset,
+algorithm, encoder, seed, and a hash of every other setting that decides the result), a rerun
+of a configuration gets a fresh folder beside the earlier ones, the model is saved before it
+is evaluated, and ``result.json``, written last and atomically, marks a finished run.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
 import json
-import re
-import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import d3rlpy
 import numpy as np
 
-from .backbone import DEFAULT_MODEL
-from .datasets import read_neorl_file, to_mdp_dataset
+from .backbone import DEFAULT_MODEL, TUNING_MODES
+from .checks import non_negative, positive
+from .datasets import OfflineDataset, load_dataset, shipped_dataset
 from .encoders import LMEncoderFactory
 from .envs import description_for, episode_returns, make_env, normalized_score
 from .errors import ConfigError
 from .files import atomic_write
+from .options import option
+from .saving import MODEL_WEIGHTS, save_model
 
 __all__ = [
     "ALGORITHMS",
@@ -25,8 +35,7 @@ __all__ = [
     "train",
     "evaluate",
     "run_name",
-    "shipped_dataset",
-    "task_of_file",
+    "finished_run",
 ]
 
 ALGORITHMS = {
@@ -38,81 +47,150 @@ ALGORITHMS = {
     "bc": d3rlpy.algos.BCConfig,
     "awac": d3rlpy.algos.AWACConfig,
 }
-
-_NAME = re.compile(r"^(?P<task>.+)-(?P<level>low|medium|high|expert)-(?P<n>\d+)-(?:train|val)")
-
-
-def shipped_dataset() -> Path:
-    """The small Hopper-v5 'low' dataset that ships with lmencoders (see its collect.json)."""
-    return Path(__file__).parent / "data" / "Hopper-v5-low-30-train.npz"
-
-
-def task_of_file(path: str | Path) -> str:
-    match = _NAME.match(Path(path).name)
-    if not match:
-        raise ConfigError(f"{path}: not a NeoRL file name (<Task>-<level>-<N>-<train|val>.npz)")
-    return match["task"]
+ENCODERS = ("lm", "vector")
+# Settings that do not change what a run learns: they stay out of its folder name.
+_NOT_IN_NAME = ("out_dir", "tensorboard", "device")
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    dataset: str = ""  # NeoRL-layout .npz; empty: the shipped Hopper-v5 low dataset
-    train_num: int | None = None  # keep the first trajectories only
-    algo: str = "td3+bc"
-    encoder: str = "lm"  # "lm" or "vector" (d3rlpy's default MLP encoders)
-    tuning: str = "frozen"
-    model: str = DEFAULT_MODEL
-    description: str | None = None  # default: from the task
-    env: str | None = None  # evaluation env; default: from the file name
-    steps: int = 5_000
-    eval_every: int = 0  # 0: evaluate at the end only
-    eval_episodes: int = 5
-    batch_size: int = 256
-    seed: int = 0
-    device: str = "cpu"
-    out_dir: str = "runs"
-    tensorboard: bool = True
+    """One training run. Fields are the ``lmencoders train`` options."""
+
+    dataset: str = option(
+        "",
+        "NeoRL-layout .npz, d3rlpy .h5 or minari:<dataset id> (default: the Hopper-v5 data "
+        "that ships with lmencoders)",
+    )
+    train_num: int | None = option(None, "keep only the first trajectories")
+    algo: str = option("td3+bc", "offline RL algorithm", choices=sorted(ALGORITHMS))
+    encoder: str = option(
+        "lm", "lm: the language-model encoder; vector: d3rlpy's MLP", choices=ENCODERS
+    )
+    tuning: str = option("frozen", "what the LM trains", choices=sorted(TUNING_MODES))
+    model: str = option(DEFAULT_MODEL, "Hugging Face name or local directory of the LM")
+    description: str | None = option(
+        None, "shipped description name or YAML path (default: the task's)"
+    )
+    env: str | None = option(None, "evaluation environment (default: the one the data names)")
+    steps: int = option(5_000, "gradient steps")
+    eval_every: int = option(0, "steps between evaluations; 0: evaluate at the end only")
+    eval_episodes: int = option(5, "evaluation episodes")
+    batch_size: int = option(256, "transitions per gradient step")
+    seed: int = option(0, "random seed (d3rlpy, evaluation resets)")
+    device: str = option("cpu", "torch device, e.g. cpu or cuda:0")
+    out_dir: str = option("runs", "folder of the run folders", flag="--out")
+    tensorboard: bool = option(True, "write tensorboard logs under <out>/tensorboard")
+
+    def __post_init__(self) -> None:
+        if self.algo not in ALGORITHMS:
+            raise ConfigError(
+                f"unknown algorithm {self.algo!r}; choose one of {sorted(ALGORITHMS)}"
+            )
+        if self.encoder not in ENCODERS:
+            raise ConfigError(f"unknown encoder {self.encoder!r}; choose one of {ENCODERS}")
+        if self.tuning not in TUNING_MODES:
+            raise ConfigError(
+                f"unknown tuning {self.tuning!r}; choose one of {sorted(TUNING_MODES)}"
+            )
+        self.steps = positive(self.steps, "steps")
+        self.eval_every = non_negative(self.eval_every, "eval_every")
+        self.eval_episodes = positive(self.eval_episodes, "eval_episodes")
+        self.batch_size = positive(self.batch_size, "batch_size")
+        self.seed = non_negative(self.seed, "seed")
+        if self.train_num is not None:
+            self.train_num = positive(self.train_num, "train_num")
+        if self.eval_every and self.steps % self.eval_every:
+            raise ConfigError(
+                f"steps ({self.steps}) must be a multiple of eval_every ({self.eval_every}): "
+                "d3rlpy trains whole epochs of eval_every steps"
+            )
+
+    @property
+    def dataset_source(self) -> str:
+        return self.dataset or str(shipped_dataset())
 
 
-def dataset_path(config: TrainConfig) -> Path:
-    return Path(config.dataset) if config.dataset else shipped_dataset()
+def _dataset_identity(source: str) -> str:
+    """What names a dataset in a run's hash: its file name and size (folders differ between
+    machines), or the Minari id."""
+    path = Path(source)
+    if path.is_file():
+        return f"{path.name}:{path.stat().st_size}"
+    return source
 
 
 def run_name(config: TrainConfig) -> str:
-    """The run's folder name: dataset, algorithm, encoder (and tuning), seed."""
-    path = dataset_path(config)
+    """The run's folder name: dataset, algorithm, encoder (and tuning), seed, and a hash of
+    every other setting that decides what the run learns."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IN_NAME} | {
+        "dataset": _dataset_identity(config.dataset_source)
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    source = config.dataset_source
+    stem = (
+        source.removeprefix("minari:").replace("/", "-")
+        if source.startswith("minari:")
+        else Path(source).stem
+    )
     encoder = config.encoder + (f"-{config.tuning}" if config.encoder == "lm" else "")
-    return f"{path.stem}-{config.algo}-{encoder}-seed{config.seed}"
+    return f"{stem}-{config.algo}-{encoder}-seed{config.seed}-{digest}"
 
 
-def _algorithm(config: TrainConfig, description: str):
+def _attempts(out_dir: Path, name: str) -> list[Path]:
+    """The folders of a configuration's runs: ``name``, ``name-2``, ``name-3``..."""
+    found = [out_dir / name] + sorted(
+        (p for p in out_dir.glob(f"{name}-*") if p.name[len(name) + 1 :].isdigit()),
+        key=lambda p: int(p.name[len(name) + 1 :]),
+    )
+    return [p for p in found if p.is_dir()]
+
+
+def finished_run(out_dir: str | Path, name: str) -> Path | None:
+    """The newest finished run (one with ``result.json``) of a configuration, if any."""
+    done = [p for p in _attempts(Path(out_dir), name) if (p / "result.json").is_file()]
+    return done[-1] if done else None
+
+
+def _new_run_dir(out_dir: Path, name: str) -> Path:
+    """A fresh folder for the run; an existing one (finished or not) is never touched."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for attempt in itertools.count(1):
+        folder = out_dir / (name if attempt == 1 else f"{name}-{attempt}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+    raise AssertionError("unreachable")
+
+
+def _algorithm(config: TrainConfig, description: str) -> tuple[Any, LMEncoderFactory | None]:
     """The algorithm, and its LM encoder factory (``None`` for vector encoders)."""
-    scaler = d3rlpy.preprocessing.StandardObservationScaler()
     cls = ALGORITHMS[config.algo]
-    kwargs = {"observation_scaler": scaler, "batch_size": config.batch_size}
+    kwargs: dict[str, Any] = {
+        "observation_scaler": d3rlpy.preprocessing.StandardObservationScaler(),
+        "batch_size": config.batch_size,
+    }
     factory = None
     if config.encoder == "lm":
         factory = LMEncoderFactory(
-            description=description,
-            model=config.model,
-            tuning=config.tuning,
-            observation_scaler=scaler,
+            description=description, model=config.model, tuning=config.tuning
         )
         names = [f.name for f in dataclasses.fields(cls) if f.name.endswith("encoder_factory")]
         kwargs |= {name: factory for name in names}
-    elif config.encoder != "vector":
-        raise ConfigError(f"unknown encoder {config.encoder!r}; choose 'lm' or 'vector'")
     return cls(**kwargs).create(device=config.device), factory
 
 
-def evaluate(algo, env_name: str, episodes: int, seed: int = 0) -> dict:
+def evaluate(algo: Any, env_name: str, episodes: int, seed: int = 0) -> dict:
     """Mean and std of the return over ``episodes`` (seeded resets), and NeoRL's normalised
     score where NeoRL has references."""
-    return _evaluation(algo, env_name, [make_env(env_name) for _ in range(episodes)], seed)
+    return _evaluation(
+        algo, env_name, [make_env(env_name) for _ in range(positive(episodes, "episodes"))], seed
+    )
 
 
-def _evaluation(algo, env_name: str, envs: list, seed: int) -> dict:
-    returns = episode_returns(algo.predict, envs, seed)
+def _evaluation(algo: Any, env_name: str, envs: list, seed: int) -> dict:
+    returns = episode_returns(algo.predict, envs, seed, show_progress=True)
     mean = float(np.mean(returns))
     return {
         "env": env_name,
@@ -124,73 +202,107 @@ def _evaluation(algo, env_name: str, envs: list, seed: int) -> dict:
 
 
 class ReturnEvaluator:
-    """d3rlpy evaluator (the learning curve) that keeps its last full evaluation.
+    """d3rlpy evaluator (the learning curve) that saves the model first, then evaluates, and
+    keeps its last full evaluation.
 
     d3rlpy evaluates after the last epoch, i.e. the final policy, so that evaluation is the
     run's result: no second pass over the episodes (costly when every step runs the LM)."""
 
-    def __init__(self, env_name: str, episodes: int, seed: int) -> None:
-        self.env_name, self.seed = env_name, seed
+    def __init__(self, env_name: str, episodes: int, seed: int, folder: Path) -> None:
+        self.env_name, self.seed, self.folder = env_name, seed, folder
         self.envs = [make_env(env_name) for _ in range(episodes)]  # seeded resets: reusable
         self.last: dict | None = None
 
-    def __call__(self, algo, dataset) -> float:
+    def __call__(self, algo: Any, dataset: Any = None) -> float:
+        save_model(algo, self.folder)  # an evaluation that fails loses no training
         self.last = _evaluation(algo, self.env_name, self.envs, self.seed)
         return self.last["mean_return"]
 
 
+class _TensorboardAdapter(d3rlpy.logging.TensorboardAdapter):
+    """d3rlpy's adapter writes hyper-parameters into ``runs/<name>/<name>``; this one writes
+    them beside the scalars, in ``runs/<name>``."""
+
+    def after_write_metric(self, epoch: int, step: int) -> None:
+        self._writer.add_hparams(self._params, self._metrics, name=".", global_step=epoch)
+
+
+class _TensorboardAdapterFactory(d3rlpy.logging.TensorboardAdapterFactory):
+    def create(
+        self, algo: Any, experiment_name: str, n_steps_per_epoch: int
+    ) -> _TensorboardAdapter:
+        return _TensorboardAdapter(algo, self._root_dir, experiment_name)
+
+
+def evaluation_cost(env_name: str, episodes: int, encoder: str) -> str:
+    """One line saying what an evaluation will cost, printed before it starts."""
+    env = make_env(env_name)
+    horizon = env.spec.max_episode_steps if env.spec and env.spec.max_episode_steps else None
+    if horizon is None and hasattr(env.unwrapped, "dates"):
+        horizon = len(env.unwrapped.dates) - 1
+    steps = f"up to {horizon} steps each" if horizon else "steps until each episode ends"
+    lm = (
+        f"; the LM encodes all live episodes once per step (up to {horizon} LM passes)"
+        if encoder == "lm" and horizon
+        else ""
+    )
+    return f"evaluation on {env_name}: {episodes} episodes, {steps}{lm}"
+
+
 def train(config: TrainConfig) -> dict:
     """Fit on the dataset, save the model, evaluate; returns (and writes) a result record."""
-    if config.eval_every and config.steps % config.eval_every:
-        raise ConfigError(
-            f"steps ({config.steps}) must be a multiple of eval_every ({config.eval_every}): "
-            "d3rlpy trains whole epochs of eval_every steps"
-        )
-    if config.algo not in ALGORITHMS:
-        raise ConfigError(f"unknown algorithm {config.algo!r}; choose one of {sorted(ALGORITHMS)}")
-    path = dataset_path(config)
-    data = read_neorl_file(path)
-    if config.train_num:
-        data = data.first(config.train_num)
-    dataset = to_mdp_dataset(data)
-    env_name = config.env or task_of_file(path)
-    description = config.description or description_for(env_name)
+    dataset = load_dataset(config.dataset_source, config.train_num)
+    env_name = config.env or dataset.env
+    if env_name is None:
+        raise ConfigError(f"{dataset.source}: the data names no environment; give env=/--env")
+    description = config.description or description_for(
+        env_name, int(dataset.buffer.episodes[0].observations.shape[-1])
+    )
     d3rlpy.seed(config.seed)
     algo, factory = _algorithm(config, description)
-    name = run_name(config)
-    out = Path(config.out_dir) / name
-    if out.exists():  # a rerun, or an interrupted run: d3rlpy appends to its CSV files
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out = _new_run_dir(Path(config.out_dir), run_name(config))
+    print(f"run folder: {out}", flush=True)
     started = time.perf_counter()
     if factory is not None and config.tuning == "frozen":
-        factory.precompute(dataset, device=config.device)
-    adapters = [d3rlpy.logging.FileAdapterFactory(root_dir=config.out_dir)]
+        factory.precompute(dataset.buffer, device=config.device)
+    adapters: list = [d3rlpy.logging.FileAdapterFactory(root_dir=str(out.parent))]
     if config.tensorboard:
-        tensorboard_dir = str(Path(config.out_dir) / "tensorboard")
-        adapters.append(d3rlpy.logging.TensorboardAdapterFactory(root_dir=tensorboard_dir))
-    evaluator = ReturnEvaluator(env_name, config.eval_episodes, seed=config.seed * 1000)
+        adapters.append(_TensorboardAdapterFactory(root_dir=str(out.parent / "tensorboard")))
+    print(evaluation_cost(env_name, config.eval_episodes, config.encoder), flush=True)
+    evaluator = ReturnEvaluator(env_name, config.eval_episodes, config.seed * 1000, out)
     algo.fit(
-        dataset,
+        dataset.buffer,
         n_steps=config.steps,
         n_steps_per_epoch=config.eval_every or config.steps,
-        experiment_name=name,
+        experiment_name=out.name,
         with_timestamp=False,
         logger_adapter=d3rlpy.logging.CombineAdapterFactory(adapters),
         evaluators={"environment": evaluator} if config.eval_every else None,
         save_interval=10**9,
     )
     train_seconds = time.perf_counter() - started
-    if evaluator.last is None:  # no periodic evaluation: evaluate the final policy now
-        evaluator(algo, dataset)
-    algo.save(str(out / "model.d3"))
+    if evaluator.last is None:  # no periodic evaluation: save, then evaluate the final policy
+        evaluator(algo)
+    return _write_result(config, dataset, description, out, train_seconds, evaluator.last)
+
+
+def _write_result(
+    config: TrainConfig,
+    dataset: OfflineDataset,
+    description: str,
+    out: Path,
+    train_seconds: float,
+    evaluation: dict,
+) -> dict:
     result = {
-        "config": dataclasses.asdict(config) | {"dataset": str(path), "description": description},
-        "dataset_trajectories": data.num_trajectories,
-        "dataset_mean_return": float(data.returns().mean()),
+        "config": dataclasses.asdict(config)
+        | {"dataset": dataset.source, "description": description},
+        "run": out.name,
+        "dataset_trajectories": dataset.trajectories,
+        "dataset_mean_return": float(dataset.returns().mean()),
         "train_seconds": train_seconds,
-        "model": str(out / "model.d3"),
-        "evaluation": evaluator.last,
+        "model": str(out / MODEL_WEIGHTS),
+        "evaluation": evaluation,
     }
     # Written last and atomically: its presence marks the run as finished (experiments skip it).
     atomic_write(out / "result.json", lambda f: f.write(json.dumps(result, indent=1).encode()))

@@ -151,3 +151,26 @@ def straightforward_features(path: str, texts: list[str], pooling: str = "mean")
         return hidden[:, 0]
     mask = batch["attention_mask"].unsqueeze(-1).float()
     return (hidden * mask).sum(1) / mask.sum(1)
+
+
+def neorl_arrays(trajectories: int, steps: int = 25, seed: int = 0) -> dict[str, np.ndarray]:
+    """Real Hopper-v5 (NeoRL layout) rollouts stored as NeoRL stores them."""
+    env = gym.make("Hopper-v5", exclude_current_positions_from_observation=False)
+    rng = np.random.default_rng(seed)
+    cols = {k: [] for k in ("obs", "next_obs", "action", "reward", "done")}
+    starts = []
+    for t in range(trajectories):
+        obs, _ = env.reset(seed=seed + t)
+        starts.append(len(cols["obs"]))
+        for _ in range(steps):
+            action = rng.uniform(-1, 1, 3).astype(np.float32)
+            next_obs, reward, terminated, _, _ = env.step(action)
+            for key, value in zip(cols, (obs, next_obs, action, [reward], [terminated])):
+                cols[key].append(value)
+            obs = next_obs
+            if terminated:
+                break
+    data = {k: np.asarray(v, np.float32) for k, v in cols.items()}
+    data["done"] = data["done"].astype(bool)
+    data["index"] = np.asarray(starts[1:], np.float32)  # NeoRL drops the leading 0
+    return data

@@ -181,7 +181,7 @@ def test_experiment_runs_in_resumable_parts_and_reports(collected, tiny_lm, tmp_
     assert "runs done 2, already finished 0, left for a later part 0" in capsys.readouterr().out
     assert main(args) == 0  # the rest; finished runs are skipped
     assert "runs done 2, already finished 2, left for a later part 0" in capsys.readouterr().out
-    lm_run = next((tmp_path / "exp" / "runs").glob("*lm-frozen-seed0/result.json"))
+    lm_run = next((tmp_path / "exp" / "runs").glob("*lm-frozen-seed0-*/result.json"))
     assert json.loads(lm_run.read_text())["config"]["model"] == tiny_lm
     results = tmp_path / "RESULTS.md"
     assert main(["report", "--out", str(tmp_path / "exp"), "--results", str(results)]) == 0

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 
 import d3rlpy
-import gymnasium as gym
 import numpy as np
 import pytest
+from conftest import neorl_arrays
 
 import lmencoders
 from lmencoders.datasets import (
@@ -18,29 +18,6 @@ from lmencoders.datasets import (
     to_mdp_dataset,
 )
 from lmencoders.envs import make_env
-
-
-def neorl_arrays(trajectories: int, steps: int = 25, seed: int = 0) -> dict[str, np.ndarray]:
-    """Real Hopper-v5 (NeoRL layout) rollouts stored as NeoRL stores them."""
-    env = gym.make("Hopper-v5", exclude_current_positions_from_observation=False)
-    rng = np.random.default_rng(seed)
-    cols = {k: [] for k in ("obs", "next_obs", "action", "reward", "done")}
-    starts = []
-    for t in range(trajectories):
-        obs, _ = env.reset(seed=seed + t)
-        starts.append(len(cols["obs"]))
-        for _ in range(steps):
-            action = rng.uniform(-1, 1, 3).astype(np.float32)
-            next_obs, reward, terminated, _, _ = env.step(action)
-            for key, value in zip(cols, (obs, next_obs, action, [reward], [terminated])):
-                cols[key].append(value)
-            obs = next_obs
-            if terminated:
-                break
-    data = {k: np.asarray(v, np.float32) for k, v in cols.items()}
-    data["done"] = data["done"].astype(bool)
-    data["index"] = np.asarray(starts[1:], np.float32)  # NeoRL drops the leading 0
-    return data
 
 
 def test_file_names_follow_neorl():

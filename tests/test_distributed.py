@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import neorl_arrays
 
 from lmencoders.backbone import language_model
 from lmencoders.cli import main as cli_main
@@ -34,9 +35,7 @@ def torchrun(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.
 
 
 def test_sharded_precompute_merges_into_the_same_cache_as_one_process(tiny_lm, tmp_path):
-    rng = np.random.default_rng(0)
-    obs = rng.standard_normal((61, 12)).astype(np.float32)
-    np.savez(tmp_path / "data.npz", obs=obs[:-1], next_obs=obs[1:])
+    np.savez(tmp_path / "data.npz", **neorl_arrays(3, steps=20))
     assert (
         cli_main(
             [

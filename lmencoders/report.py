@@ -1,0 +1,257 @@
+"""Results of an experiment folder: ``results.csv``, Markdown tables laid out like the paper's,
+learning-curve plots, and ``RESULTS.md`` with the commands and data provenance."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .experiments import METHODS, PAPER_RESULTS
+
+__all__ = ["report", "write_results"]
+
+
+def _method_of(result: dict) -> str:
+    c = result["config"]
+    for method, (algo, encoder, tuning) in METHODS.items():
+        if (c["algo"], c["encoder"]) == (algo, encoder) and (
+            encoder == "vector" or c["tuning"] == tuning
+        ):
+            return method
+    return f"{c['algo']}-{c['encoder']}-{c['tuning']}"
+
+
+def _learning_curve(run_dir: Path) -> list[tuple[int, float]]:
+    path = run_dir / "environment.csv"
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return [(int(row[1]), float(row[2])) for row in csv.reader(f) if len(row) >= 3]
+
+
+_ATTEMPT = re.compile(r"^(?P<base>.+-[0-9a-f]{8})(?:-(?P<attempt>\d+))?$")
+
+
+def _finished_runs(out: Path) -> list[tuple[Path, dict]]:
+    """Every finished run (a folder with ``result.json``) with its record; of a configuration
+    run more than once (``name``, ``name-2``...), only the newest counts, so a rerun never
+    enters the statistics as an extra seed."""
+    newest: dict[str, tuple[int, Path]] = {}
+    for path in sorted((out / "runs").glob("*/result.json")):
+        match = _ATTEMPT.match(path.parent.name)
+        base = match["base"] if match else path.parent.name
+        attempt = int(match["attempt"] or 1) if match else 1
+        if base not in newest or attempt > newest[base][0]:
+            newest[base] = (attempt, path)
+    return [
+        (path.parent, json.loads(path.read_text()))
+        for _, path in sorted(newest.values(), key=lambda item: str(item[1]))
+    ]
+
+
+def report(out_dir: str | Path) -> str:
+    """``results.csv``, a Markdown table and ``curves-<dataset>.png`` from the run folders."""
+    out = Path(out_dir)
+    return _report(out, _finished_runs(out))
+
+
+def _report(out: Path, runs: list[tuple[Path, dict]]) -> str:
+    rows = []
+    for run_dir, result in runs:
+        evaluation = result["evaluation"]
+        rows.append(
+            {
+                "dataset": Path(result["config"]["dataset"]).stem,
+                "method": _method_of(result),
+                "seed": result["config"]["seed"],
+                "steps": result["config"]["steps"],
+                "batch_size": result["config"]["batch_size"],
+                "mean_return": evaluation["mean_return"],
+                "normalized_score": evaluation["normalized_score"],
+                "episodes": evaluation["episodes"],
+                "trajectories": result["dataset_trajectories"],
+                "data_return": result["dataset_mean_return"],
+                "train_seconds": result["train_seconds"],
+                "run": run_dir.name,
+            }
+        )
+    if not rows:
+        raise FileNotFoundError(f"no finished runs under {out / 'runs'}")
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row["dataset"], row["method"])].append(row)
+    datasets = sorted({r["dataset"] for r in rows})
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    lines = [
+        "| dataset | trajectories | method | return (mean +- std over seeds) | normalised "
+        "| seeds | steps | eval episodes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for dataset in datasets:
+        for method in methods:
+            group = groups.get((dataset, method))
+            if not group:
+                continue
+            returns = np.array([r["mean_return"] for r in group])
+            scores = [r["normalized_score"] for r in group if r["normalized_score"] is not None]
+            normalized = f"{np.mean(scores):.1f} +- {np.std(scores):.1f}" if scores else "-"
+            lines.append(
+                f"| {dataset} | {_values(group, 'trajectories')} | {method} | "
+                f"{returns.mean():.1f} +- {returns.std():.1f} | {normalized} | {len(group)} | "
+                f"{_values(group, 'steps')} | {_values(group, 'episodes')} |"
+            )
+    _plot_curves(out, rows)
+    return _summary(groups, datasets, methods) + "\n\nEvery cell:\n\n" + "\n".join(lines)
+
+
+def _summary(groups: dict, datasets: list[str], methods: list[str]) -> str:
+    """Datasets x methods, as the paper lays out its table: mean return (seeds), next to the
+    return of the data itself (what behaviour cloning can reach)."""
+    lines = [
+        "| dataset | data | " + " | ".join(methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    for dataset in datasets:
+        runs = [run for (d, _), group in groups.items() if d == dataset for run in group]
+        cells = [_values(runs, "data_return", "{:.1f}")]
+        for method in methods:
+            returns = [r["mean_return"] for r in groups.get((dataset, method), [])]
+            cells.append(f"{np.mean(returns):.1f} ({len(returns)})" if returns else "-")
+        lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _values(group: list[dict], key: str, form: str = "{}") -> str:
+    """The distinct values of a column in a group of runs (one, unless settings were mixed)."""
+    return ", ".join(form.format(v) for v in sorted({r[key] for r in group}))
+
+
+def _plot_curves(out: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for dataset in sorted({r["dataset"] for r in rows}):
+        figure, axis = plt.subplots(figsize=(7, 4.5))
+        for method in METHODS:
+            curves = [
+                _learning_curve(out / "runs" / r["run"])
+                for r in rows
+                if r["dataset"] == dataset and r["method"] == method
+            ]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            length = min(len(c) for c in curves)
+            steps = [s for s, _ in curves[0][:length]]
+            values = np.array([[v for _, v in c[:length]] for c in curves])
+            axis.plot(steps, values.mean(0), label=f"{method} ({len(curves)} seeds)")
+            axis.fill_between(steps, values.min(0), values.max(0), alpha=0.15)
+        for data_return in sorted({r["data_return"] for r in rows if r["dataset"] == dataset}):
+            axis.axhline(data_return, color="gray", linestyle="--", linewidth=1)
+            axis.annotate(
+                "data",
+                (0.99, data_return),
+                xycoords=("axes fraction", "data"),
+                ha="right",
+                va="bottom",
+                color="gray",
+                fontsize=8,
+            )
+        axis.set_xlabel("gradient steps")
+        axis.set_ylabel("evaluation return")
+        axis.set_title(dataset)
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(out / f"curves-{dataset}.png", dpi=110)
+        plt.close(figure)
+
+
+def _paper_table() -> str:
+    methods = list(METHODS)
+    lines = [
+        "| NeoRL v1 task (low, 99 trajectories) | " + " | ".join(methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
+    for task, scores in PAPER_RESULTS.items():
+        lines.append(f"| {task} | " + " | ".join(str(scores.get(m, "-")) for m in methods) + " |")
+    return "\n".join(lines)
+
+
+def _provenance(runs: list[tuple[Path, dict]]) -> str:
+    """Where each dataset of the runs came from, read from the collector's ``collect.json``
+    beside the file (NeoRL's own files have none)."""
+    files = {}
+    for _, result in runs:
+        path = Path(result["config"]["dataset"])
+        files[path.name] = path
+    lines = []
+    for name, path in sorted(files.items()):
+        record_file = path.parent / "collect.json"
+        record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+        made = record.get("datasets", {}).get(name)
+        if made is None:
+            lines.append(f"- `{name}`: no collector record beside it")
+            continue
+        best = max(c["return"] for c in record["sac_checkpoints"])
+        lines.append(
+            f"- `{name}`: `{record['command']}`; best SAC return {best:.1f}, {made['level']} "
+            f"policy from SAC step {made['policy_step']}; {made['trajectories']} trajectories, "
+            f"return {made['mean_return']:.1f} +- {made['std_return']:.1f}"
+        )
+    return "\n".join(lines)
+
+
+def write_results(
+    out_dir: str | Path, results_file: str | Path = "RESULTS.md", notes: str = ""
+) -> str:
+    """Write ``RESULTS.md`` (table, commands, paper numbers) with its CSV and plots in a
+    ``results/`` folder beside it; returns the table."""
+    out, target = Path(out_dir), Path(results_file)
+    runs = _finished_runs(out)
+    table = _report(out, runs)
+    figures = target.parent / "results"
+    figures.mkdir(parents=True, exist_ok=True)
+    shutil.copy(out / "results.csv", figures / "results.csv")
+    plots = []
+    for png in sorted(out.glob("curves-*.png")):
+        shutil.copy(png, figures / png.name)
+        plots.append(f"![{png.stem}](results/{png.name})")
+    log = out / "experiment.json"
+    invocations = json.loads(log.read_text()) if log.is_file() else []
+    commands = "\n".join(dict.fromkeys(i["command"] for i in invocations)) or "(not recorded)"
+    text = (
+        "# Results: does language help offline RL?\n\n"
+        "Generated by `lmencoders report` from the run folders of `lmencoders experiment` "
+        "(do not edit the tables by hand).\n\n"
+        f"Commands that produced the runs:\n\n```\n{commands}\n```\n\n"
+        f"Datasets:\n\n{_provenance(runs)}\n\n"
+        "Returns are undiscounted evaluation returns of the final policy (mean over the "
+        "evaluation episodes of a run), then averaged over seeds. The first table is laid out "
+        "like the paper's (mean return, number of seeds in brackets), after the mean return of "
+        "the training trajectories themselves (data); the second gives each "
+        "cell's std over seeds, NeoRL-normalised score (random/expert references) and "
+        "settings.\n\n"
+        f"{table}\n\n"
+        + "\n\n".join(plots)
+        + "\n\n"
+        + (f"{notes.strip()}\n\n" if notes else "")
+        + "## The paper's numbers, for comparison\n\n"
+        "Tarasov et al. (2022): raw returns on NeoRL v1 low datasets (99 trajectories); "
+        "the paper gives no LM-Finetune number for FinRL.\n\n"
+        f"{_paper_table()}\n"
+    )
+    target.write_text(text)
+    return table

@@ -1,0 +1,93 @@
+"""Saved models that execute nothing when loaded: a JSON config and a weights-only state dict.
+
+d3rlpy's ``.d3`` file is a pickle, and unpickling a file from a stranger runs whatever code
+it holds. :func:`save_model` writes ``model.json`` (d3rlpy's own serialised config, with the
+observation shape and action size) and ``model.pt`` (every module's and optimiser's state
+dict); :func:`load_model` rebuilds the algorithm from the JSON and reads the tensors back with
+``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers.
+A ``.d3`` file is loaded only when the caller says it trusts it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import UnsafeFileError
+from .files import atomic_write
+
+if TYPE_CHECKING:
+    from d3rlpy.base import LearnableBase
+
+__all__ = ["MODEL_CONFIG", "MODEL_WEIGHTS", "save_model", "load_model"]
+
+MODEL_CONFIG = "model.json"
+MODEL_WEIGHTS = "model.pt"
+
+
+def save_model(algo: LearnableBase, folder: str | Path) -> Path:
+    """Write ``model.json`` and ``model.pt`` into ``folder`` (atomically); returns the folder."""
+    from d3rlpy.base import LearnableConfigWithShape
+
+    if algo.impl is None:
+        raise ValueError("the algorithm has no networks yet: build or fit it before saving")
+    folder = Path(folder)
+    config = LearnableConfigWithShape(
+        observation_shape=algo.impl.observation_shape,
+        action_size=algo.impl.action_size,
+        config=algo.config,
+    )
+    weights = io.BytesIO()
+    algo.impl.save_model(weights)
+    atomic_write(folder / MODEL_WEIGHTS, lambda f: f.write(weights.getvalue()))
+    text = json.dumps(json.loads(config.serialize()), indent=1)
+    atomic_write(folder / MODEL_CONFIG, lambda f: f.write(text.encode()))
+    return folder
+
+
+def _files(path: Path) -> tuple[Path, Path]:
+    if path.is_dir():
+        return path / MODEL_CONFIG, path / MODEL_WEIGHTS
+    if path.name.endswith(".json"):
+        return path, path.with_suffix(".pt")
+    return path.with_suffix(".json"), path
+
+
+def load_model(
+    path: str | Path, device: str = "cpu", *, trust_pickle: bool = False
+) -> LearnableBase:
+    """An algorithm from a run folder, ``model.json`` or ``model.pt`` (the pair is read), or
+    from d3rlpy's pickled ``.d3`` when ``trust_pickle`` is set."""
+    import d3rlpy
+    from d3rlpy.base import LearnableConfigWithShape
+
+    from .encoders import register  # d3rlpy must know the "lm" type before reading configs
+
+    register()
+    path = Path(path)
+    if path.suffix == ".d3":
+        if not trust_pickle:
+            raise UnsafeFileError(
+                f"{path}: a .d3 file is a pickle, and loading it runs any code it holds; load "
+                f"the run's {MODEL_CONFIG} + {MODEL_WEIGHTS} instead, or pass trust_pickle=True "
+                f"(--trust-pickle) for a file you made yourself"
+            )
+        return d3rlpy.load_learnable(str(path), device=device)
+    config_file, weights_file = _files(path)
+    for needed in (config_file, weights_file):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{path}: no {needed.name} at {needed}")
+    config = LearnableConfigWithShape.deserialize(config_file.read_text())
+    algo = config.create(device)
+    state = torch.load(weights_file, map_location=algo.impl.device, weights_only=True)
+    modules = algo.impl.modules.create_checkpointer(algo.impl.device).modules
+    missing = sorted(set(modules) - set(state))
+    if missing:
+        raise ValueError(f"{weights_file}: no weights for {missing}")
+    for name, module in modules.items():
+        module.load_state_dict(state[name])
+    return algo
