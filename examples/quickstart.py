@@ -3,8 +3,9 @@
 1. Roll out a small Hopper-v5 dataset in NeoRL's layout (x position included) with a noisy
    hand-made gait, so that the data holds some forward progress.
 2. Precompute the frozen LM features of every observation once (progress bar).
-3. Train TD3+BC with the LM encoder as actor and critic encoder, save, reload with
-   ``d3rlpy.load_learnable`` and evaluate the reloaded policy in the simulator.
+3. Train TD3+BC with the LM encoder as actor and critic encoder, save it in the safe format
+   (JSON config + weights-only state dict), reload it with ``lmencoders.load_model`` and
+   evaluate the reloaded policy in the simulator.
 
     python examples/quickstart.py            # about 2-3 minutes on 2 CPU cores
 """
@@ -63,7 +64,7 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tuning", default="frozen", choices=sorted(lmencoders.TUNING_MODES))
-    parser.add_argument("--out", default="quickstart.d3")
+    parser.add_argument("--out", default="quickstart-model", help="folder for the model")
     args = parser.parse_args()
 
     d3rlpy.seed(args.seed)
@@ -74,10 +75,9 @@ def main() -> None:
         f"mean return {np.mean(returns):.1f}"
     )
 
-    scaler = d3rlpy.preprocessing.StandardObservationScaler()
-    factory = lmencoders.LMEncoderFactory(
-        description="hopper", tuning=args.tuning, observation_scaler=scaler
-    )
+    # The encoders unscale observations with the algorithm's own scaler, so the LM reads
+    # physical values; the factory needs no scaler of its own.
+    factory = lmencoders.LMEncoderFactory(description="hopper", tuning=args.tuning)
     first_text = factory.load_description().format(dataset.episodes[0].observations[:1])[0]
     print("example text:", first_text)
     if args.tuning == "frozen":
@@ -90,7 +90,7 @@ def main() -> None:
     algo = d3rlpy.algos.TD3PlusBCConfig(
         actor_encoder_factory=factory,
         critic_encoder_factory=factory,
-        observation_scaler=scaler,
+        observation_scaler=d3rlpy.preprocessing.StandardObservationScaler(),
     ).create(device="cpu")
     start = time.perf_counter()
     algo.fit(
@@ -102,8 +102,8 @@ def main() -> None:
     )
     print(f"trained {args.steps} TD3+BC steps in {time.perf_counter() - start:.1f} s")
 
-    algo.save(args.out)
-    reloaded = d3rlpy.load_learnable(args.out)
+    lmencoders.save_model(algo, args.out)  # model.json + model.pt: loading runs no code
+    reloaded = lmencoders.load_model(args.out)
     env = make_env()
     scores = [
         d3rlpy.metrics.evaluate_qlearning_with_environment(reloaded, env, n_trials=1)

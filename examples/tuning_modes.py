@@ -13,8 +13,7 @@ import time
 import d3rlpy
 
 import lmencoders
-from lmencoders.datasets import read_neorl_file, to_mdp_dataset
-from lmencoders.train import shipped_dataset
+from lmencoders.datasets import read_neorl_file, shipped_dataset, to_mdp_dataset
 
 
 def main() -> None:

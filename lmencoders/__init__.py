@@ -14,6 +14,7 @@ with contextlib.redirect_stderr(io.StringIO()):
     import gym  # noqa: F401
 
 from .backbone import DEFAULT_MODEL, TUNING_MODES
+from .datasets import load_dataset
 from .description import StateDescription, load_description, shipped_descriptions
 from .encoders import LMEncoderFactory, register
 from .envs import register_environments
@@ -27,6 +28,7 @@ from .errors import (
     UnreachableTokenError,
 )
 from .features import embed_observations, precompute_features
+from .saving import load_model, save_model
 
 register()
 register_environments()
@@ -49,4 +51,7 @@ __all__ = [
     "ModelMismatchError",
     "UnreachableTokenError",
     "precompute_features",
+    "load_dataset",
+    "save_model",
+    "load_model",
 ]

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from tqdm.auto import tqdm
 from .checks import optional_positive
 from .errors import ModelNotFoundError, UnreachableTokenError
 from .tokens import length_buckets, tokenize_texts
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -275,7 +278,14 @@ def _load_pretrained(name: str) -> tuple[str, Any, nn.Module]:
 class LanguageModel:
     """One frozen LM body with its tokenizer, shared by every encoder that uses it."""
 
-    def __init__(self, name: str, path: str, tokenizer, model: nn.Module, weights_sha256: str):
+    def __init__(
+        self,
+        name: str,
+        path: str,
+        tokenizer: PreTrainedTokenizerBase,
+        model: nn.Module,
+        weights_sha256: str,
+    ) -> None:
         self.name = name
         self.path = path
         self.tokenizer = tokenizer
@@ -306,7 +316,12 @@ class LanguageModel:
         params = dict(self.model.named_parameters())
         return {n: params[n] for n in names}
 
-    def _hidden(self, input_ids, mask, parameters):
+    def _hidden(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        parameters: dict[str, torch.Tensor] | None,
+    ) -> torch.Tensor:
         inputs = {"input_ids": input_ids, "attention_mask": mask}
         if parameters:
             out = torch.func.functional_call(self.model, parameters, args=(), kwargs=inputs)

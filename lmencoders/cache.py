@@ -94,7 +94,15 @@ def _read(path: Path) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, str]:
         raise _Unusable(f"is unreadable ({type(exc).__name__}: {exc})") from None
 
 
-def _check(key: CacheKey, feature_size: int, meta, codes, features, raw, checksum) -> None:
+def _check(
+    key: CacheKey,
+    feature_size: int,
+    meta: dict,
+    codes: np.ndarray,
+    features: np.ndarray,
+    raw: np.ndarray,
+    checksum: str,
+) -> None:
     expected = dataclasses.asdict(key)
     if meta != expected:
         changed = sorted(k for k in meta.keys() | expected.keys() if meta.get(k) != expected.get(k))

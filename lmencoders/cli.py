@@ -12,9 +12,11 @@ import logging
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .backbone import ALLOW_DOWNLOAD, DEFAULT_MODEL, POOLINGS
+from .checks import optional_positive, positive
 from .options import add_options, from_args, option
 
 
@@ -36,6 +38,10 @@ class PrecomputeConfig:
         None, "feature cache folder (default: $LMENCODERS_CACHE or ~/.cache/lmencoders)"
     )
 
+    def __post_init__(self) -> None:
+        for name in ("train_num", "max_length", "batch_size"):
+            setattr(self, name, optional_positive(getattr(self, name), name))
+
 
 @dataclasses.dataclass
 class DescribeConfig:
@@ -49,8 +55,6 @@ class DescribeConfig:
     seed: int = option(0, "reset seed of --env")
 
     def __post_init__(self) -> None:
-        from .checks import positive
-
         self.rows = positive(self.rows, "rows")
 
 
@@ -70,8 +74,6 @@ class EvaluateConfig:
     )
 
     def __post_init__(self) -> None:
-        from .checks import positive
-
         self.episodes = positive(self.episodes, "episodes")
 
 
@@ -248,7 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, config: type, run, help: str, description: str = "") -> None:
+    def command(
+        name: str,
+        config: type,
+        run: Callable[[argparse.Namespace], int],
+        help: str,
+        description: str = "",
+    ) -> None:
         sub = commands.add_parser(name, help=help, description=description or help)
         add_options(sub, config)
         sub.set_defaults(run=run)

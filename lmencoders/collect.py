@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import d3rlpy
+import gymnasium as gym
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -30,6 +29,7 @@ from .envs import episode_returns, make_env
 from .errors import ConfigError
 from .files import atomic_write
 from .options import option
+from .saving import load_model, save_model
 
 __all__ = ["CollectConfig", "collect", "rollout", "pick_policies", "shared_checkpoints"]
 
@@ -81,7 +81,7 @@ class CollectConfig:
 
 
 def random_action_scaler(
-    env, steps: int, seed: int
+    env: gym.Env, steps: int, seed: int
 ) -> d3rlpy.preprocessing.StandardObservationScaler:
     """Mean and std of the observations met under uniformly random actions.
 
@@ -127,19 +127,12 @@ def train_behaviour_policies(config: CollectConfig, folder: Path) -> list[dict]:
             logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
             show_progress=True,
         )
-        path = folder / "policies" / f"sac-{step}.d3"
-        atomic_write(path, lambda f, algo=sac: f.write(_dump(algo)))
+        path = save_model(sac, folder / "policies" / f"sac-{step}")
         score = float(np.mean(episode_returns(sac.predict, eval_envs, seed=10_000)))
         history.append({"step": step, "return": score, "path": str(path.relative_to(folder))})
         print(f"SAC step {step}: mean return {score:.1f}", flush=True)
     atomic_write(log_path, lambda f: f.write(json.dumps(history, indent=1).encode()))
     return history
-
-
-def _dump(algo) -> bytes:
-    with tempfile.TemporaryDirectory() as tmp:
-        algo.save(os.path.join(tmp, "m.d3"))
-        return Path(tmp, "m.d3").read_bytes()
 
 
 def pick_policies(history: list[dict], levels: tuple[str, ...]) -> dict[str, dict]:
@@ -178,7 +171,12 @@ def _announce(chosen: dict[str, dict]) -> dict[int, list[str]]:
 
 
 def rollout(
-    algo, env, trajectories: int, max_steps: int, sample_probability: float, seed: int
+    algo: d3rlpy.algos.QLearningAlgoBase,
+    env: gym.Env,
+    trajectories: int,
+    max_steps: int,
+    sample_probability: float,
+    seed: int,
 ) -> dict[str, np.ndarray]:
     """Trajectories in NeoRL's layout: the policy mean with probability 1 - sample_probability,
     a sampled action otherwise."""
@@ -222,7 +220,8 @@ def collect(config: CollectConfig, command: str = "") -> dict:
         "datasets": {},
     }
     for level, checkpoint in chosen.items():
-        algo = d3rlpy.load_learnable(str(folder / checkpoint["path"]))
+        # .d3 policies were written by this collector before lmencoders saved models safely
+        algo = load_model(folder / checkpoint["path"], trust_pickle=True)
         for offset, (split, count) in enumerate(
             [("train", config.train_trajectories), ("val", config.val_trajectories)]
         ):

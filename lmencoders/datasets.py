@@ -21,7 +21,7 @@ import json
 import re
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from .checks import first_non_finite, optional_positive
 from .errors import LMEncodersError
 
 if TYPE_CHECKING:
-    from d3rlpy.dataset import ReplayBufferBase
+    from d3rlpy.dataset import MDPDataset, ReplayBufferBase
 
 __all__ = [
     "DatasetFileError",
@@ -196,7 +196,7 @@ def read_neorl_file(path: str | Path, verify: bool = True) -> NeoRLData:
     return NeoRLData(**arrays, source=str(path))
 
 
-def _polixir_neorl():
+def _polixir_neorl() -> Any:
     """Polixir's NeoRL if installed (PyPI's package of the same name is another project)."""
     try:
         module = importlib.import_module("neorl")
@@ -240,7 +240,7 @@ def load_neorl(
     return train, val
 
 
-def to_mdp_dataset(data: NeoRLData):
+def to_mdp_dataset(data: NeoRLData) -> MDPDataset:
     """A d3rlpy MDPDataset with NeoRL's trajectories: a trajectory ending in ``done`` is
     terminal; any other ends by time-out, and its last ``next_obs`` is kept as a final
     observation so that no transition is lost."""
@@ -371,7 +371,7 @@ def _read_d3rlpy_file(path: Path, train_num: int | None) -> ReplayBufferBase:
     )
 
 
-def minari_dataset(dataset_id: str):
+def minari_dataset(dataset_id: str) -> Any:
     """A local Minari dataset (never downloaded: the hub is not assumed reachable)."""
     try:
         import minari

@@ -21,7 +21,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import d3rlpy
 import numpy as np
@@ -166,7 +166,9 @@ class TextFeatures(nn.Module):
             vocabulary=vocabulary,
         )
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+    def _load_from_state_dict(
+        self, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
         saved = state_dict.get(prefix + "lm_weights_sha256")
         if saved is not None and not torch.equal(saved.cpu(), self.lm_weights_sha256.cpu()):
             raise ModelMismatchError(
@@ -196,7 +198,7 @@ def _mlp(in_size: int, hidden_units: Sequence[int], activation: str) -> nn.Seque
 
 
 class LMEncoder(Encoder):
-    def __init__(self, features: TextFeatures, head: nn.Module, concat_observation: bool):
+    def __init__(self, features: TextFeatures, head: nn.Module, concat_observation: bool) -> None:
         super().__init__()
         self.features = features
         self.head = head
@@ -217,7 +219,7 @@ class LMEncoderWithAction(EncoderWithAction):
         concat_observation: bool,
         action_size: int,
         discrete_action: bool,
-    ):
+    ) -> None:
         super().__init__()
         self.features = features
         self.head = head
@@ -321,8 +323,9 @@ class LMEncoderFactory(EncoderFactory):
         algorithm's own, which is what d3rlpy applies to every observation it feeds.
 
         ``None`` here means "the algorithm's". A scaler given here must be the algorithm's
-        (the same object, or an equal one, as after ``d3rlpy.load_learnable``): anything else
-        would make the LM read wrongly unscaled numbers, so it is refused with what to do."""
+        (the same object, an unfitted one, or an equal one, as after ``d3rlpy.load_learnable``):
+        a fitted scaler with other statistics, or a scaler where the algorithm has none, says
+        the user expects other numbers than the LM would read, so it is refused."""
         mine = self.observation_scaler
         if algo is None:  # built outside an algorithm (tests, custom code)
             return mine
@@ -336,7 +339,12 @@ class LMEncoderFactory(EncoderFactory):
                 f"encoders would 'unscale' raw observations. Give the scaler to the algorithm "
                 f"config too (observation_scaler=...), or leave the factory's at None"
             )
-        if type(mine) is not type(theirs) or mine.serialize() != theirs.serialize():
+        if not mine.built:  # never fitted, so never meant to differ: d3rlpy fits theirs. The
+            self.observation_scaler = theirs  # config then saves the scaler that was used
+            return theirs
+        if theirs.built and (
+            type(mine) is not type(theirs) or mine.serialize() != theirs.serialize()
+        ):
             raise ConfigError(
                 f"LMEncoderFactory's observation_scaler ({type(mine).__name__}) is another "
                 f"object than {name}'s ({type(theirs).__name__}), so the LM would read numbers "

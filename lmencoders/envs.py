@@ -165,7 +165,7 @@ class FinRLEnv(gym.Env):
         self.shares = np.zeros(self.n)
 
     @staticmethod
-    def _read(path: Path):
+    def _read(path: Path) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
         days: dict[str, list[dict]] = {}
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
@@ -189,12 +189,14 @@ class FinRLEnv(gym.Env):
     def total_assets(self) -> float:
         return float(self.cash + self.close[self.day] @ self.shares)
 
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
+    def reset(
+        self, *, seed: int | None = None, options: dict | None = None
+    ) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
         self.day, self.cash, self.shares = 0, self.initial_amount, np.zeros(self.n)
         return self._observation(), {}
 
-    def step(self, action: np.ndarray):
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
         if self.day >= len(self.dates) - 1:
             raise RuntimeError("the episode is over: call reset()")
         orders = np.clip(np.asarray(action, dtype=np.float64), -1, 1) * self.hmax

@@ -80,7 +80,13 @@ class FrozenFeatures:
         self._recent = [(x, key, features), *self._recent[:3]]
         return features
 
-    def _of_scaled(self, x, scaler, to_raw, batch_size) -> np.ndarray:
+    def _of_scaled(
+        self,
+        x: torch.Tensor,
+        scaler: ObservationScaler,
+        to_raw: Callable[[torch.Tensor], torch.Tensor],
+        batch_size: int | None,
+    ) -> np.ndarray:
         """Scaled inputs cannot be turned back into raw values exactly (float32 keeps ~7
         digits: a FinRL balance of 1e6 comes back off by ~0.06), so stored rows are found by
         the exact bits of their scaled form; only the rest is unscaled and quantised."""
@@ -173,7 +179,8 @@ def frozen_features(
     key = (lm.weights_sha256, description.fingerprint, pooling, max_length)
     with _REGISTRY_LOCK:
         if key not in _REGISTRY:
-            _REGISTRY[key] = FrozenFeatures(model, description, pooling, max_length)
+            # the resolved folder, not the name: a Hub id may resolve differently later
+            _REGISTRY[key] = FrozenFeatures(lm.path, description, pooling, max_length)
         return _REGISTRY[key]
 
 

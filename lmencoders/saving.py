@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -83,7 +84,14 @@ def load_model(
             raise FileNotFoundError(f"{path}: no {needed.name} at {needed}")
     config = LearnableConfigWithShape.deserialize(config_file.read_text())
     algo = config.create(device)
-    state = torch.load(weights_file, map_location=algo.impl.device, weights_only=True)
+    try:
+        state = torch.load(weights_file, map_location=algo.impl.device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in lines if "Unsupported global" in line), lines[-1])
+        raise UnsafeFileError(
+            f"{weights_file}: holds more than tensors, so it was not loaded ({detail})"
+        ) from None
     modules = algo.impl.modules.create_checkpointer(algo.impl.device).modules
     missing = sorted(set(modules) - set(state))
     if missing:

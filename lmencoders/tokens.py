@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .errors import TextTooLongError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,11 @@ class Chunks:
 
 
 def _pack_segments(
-    tokenizer, segments: Sequence[str], separator: str, budget: int, max_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    segments: Sequence[str],
+    separator: str,
+    budget: int,
+    max_length: int,
 ) -> list[str]:
     """Greedy packing of consecutive segments into chunk texts of at most ``budget`` tokens."""
     counts = [len(ids) for ids in tokenizer(list(segments), add_special_tokens=False)["input_ids"]]
@@ -54,7 +62,10 @@ def _pack_segments(
 
 
 def tokenize_texts(
-    tokenizer, segments: Sequence[Sequence[str]], separator: str, max_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    segments: Sequence[Sequence[str]],
+    separator: str,
+    max_length: int,
 ) -> Chunks:
     """Tokenise texts given as segments; split those longer than ``max_length`` into chunks."""
     texts = [separator.join(s) for s in segments]
@@ -102,7 +113,9 @@ def length_buckets(
 NUMBER_CHARACTERS = frozenset("0123456789.-")
 
 
-def reachable_token_ids(tokenizer, fixed_texts: Sequence[str]) -> np.ndarray:
+def reachable_token_ids(
+    tokenizer: PreTrainedTokenizerBase, fixed_texts: Sequence[str]
+) -> np.ndarray:
     """Sorted ids of every token that texts made of ``fixed_texts``' words and numbers can
     produce: the special tokens, the tokens of ``fixed_texts`` (the description written out),
     and every vocabulary entry made only of digits, '.' and '-' (subword markers stripped)."""

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import straightforward_features
 
+import lmencoders
 from lmencoders import ModelNotFoundError, TextTooLongError, load_description
 from lmencoders.backbone import language_model
 
@@ -70,3 +71,57 @@ def test_weights_hash_identifies_the_weights(tiny_lm, tmp_path):
     other = make_tiny_lm(tmp_path / "other", seed=1)
     assert language_model(tiny_lm).weights_sha256 != language_model(str(other)).weights_sha256
     assert len(language_model(tiny_lm).weights_sha256) == 64
+
+
+def _hub_cache_with(cache, repo_id: str, model_dir) -> None:
+    """Lay a model out as huggingface_hub's cache does: models--org--name/snapshots/<rev>."""
+    import shutil
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(model_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+
+
+def test_hub_ids_resolve_from_the_local_hugging_face_cache(tiny_lm, tmp_path, monkeypatch):
+    from lmencoders.backbone import clear_loaded_models
+    from lmencoders.features import clear_feature_caches
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _hub_cache_with(tmp_path / "hub", "someone/tiny-bert", tiny_lm)
+    clear_loaded_models()
+    lm = language_model("someone/tiny-bert")
+    assert lm.weights_sha256 == language_model(tiny_lm).weights_sha256
+    assert "snapshots" in lm.path
+    features = lmencoders.embed_observations(
+        np.zeros((2, 12)), "hopper", model="someone/tiny-bert", show_progress=False
+    )
+    assert features.shape == (2, 32)
+    clear_loaded_models()
+    clear_feature_caches()
+
+
+def test_a_hub_id_that_is_not_cached_fails_fast_and_says_how_to_download(tmp_path, monkeypatch):
+    import time
+
+    from lmencoders.backbone import ALLOW_DOWNLOAD, clear_loaded_models
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.delenv(ALLOW_DOWNLOAD, raising=False)
+    clear_loaded_models()
+    started = time.perf_counter()
+    with pytest.raises(
+        ModelNotFoundError, match=rf"nor in the Hugging Face cache.*{ALLOW_DOWNLOAD}=1"
+    ):
+        language_model("someone/not-downloaded")
+    assert time.perf_counter() - started < 5  # no network retries
+
+
+def test_model_paths_may_be_pathlib_paths(tiny_lm):
+    from pathlib import Path
+
+    assert language_model(Path(tiny_lm)) is language_model(tiny_lm)
+    factory = lmencoders.LMEncoderFactory(description="hopper", model=Path(tiny_lm))
+    assert factory.model == tiny_lm and factory.create((12,)) is not None

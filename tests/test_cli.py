@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 
-import d3rlpy
 import numpy as np
 import pytest
 
 from lmencoders.cli import main
 from lmencoders.collect import pick_policies
 from lmencoders.datasets import read_neorl_file
+from lmencoders.saving import load_model
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,8 @@ def test_collect_writes_neorl_files_and_a_record(collected):
 def test_collect_skips_finished_stages(collected):
     out, args = collected
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.npz")}
-    stamps |= {p: p.stat().st_mtime_ns for p in out.rglob("*.d3")}
+    stamps |= {p: p.stat().st_mtime_ns for p in out.rglob("model.*")}
+    assert len(stamps) > 4
     assert main(args) == 0
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
@@ -73,7 +74,7 @@ def test_collect_finrl_with_standardised_sac_inputs(tmp_path):
     assert main(args) == 0
     data = read_neorl_file(tmp_path / "finance-low-2-train.npz")
     assert data.obs.shape == (40, 181) and np.isfinite(data.reward).all()
-    sac = d3rlpy.load_learnable(str(tmp_path / "policies" / "sac-100.d3"))
+    sac = load_model(tmp_path / "policies" / "sac-100")
     scaler = sac.config.observation_scaler
     assert scaler.mean[0] > 1e4 and scaler.std[0] > 1e4  # cash, in dollars
     assert json.loads((tmp_path / "collect.json").read_text())["config"]["scale_observations"]
@@ -194,3 +195,93 @@ def test_experiment_runs_in_resumable_parts_and_reports(collected, tiny_lm, tmp_
     assert (tmp_path / "results" / "curves-Hopper-v5-low-3-train.png").stat().st_size > 1000
     rows = (tmp_path / "results" / "results.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 4
+
+
+def test_levels_from_one_checkpoint_are_announced_and_warned(capsys):
+    from lmencoders.collect import _announce, shared_checkpoints
+
+    history = [{"step": 200, "return": 10.0}, {"step": 400, "return": 11.0}]
+    chosen = pick_policies(history, ("low", "medium", "high"))
+    assert shared_checkpoints(chosen) == {200: ["low", "medium"], 400: ["high"]} or (
+        shared_checkpoints(chosen) and all(len(v) > 1 for v in shared_checkpoints(chosen).values())
+    )
+    with pytest.warns(UserWarning, match=r"all come from the same SAC checkpoint \(step \d+\)"):
+        _announce(chosen)
+    printed = capsys.readouterr().out
+    assert "low: SAC step" in printed and "high: SAC step" in printed
+
+
+def test_collect_records_shared_checkpoints(collected):
+    out, _ = collected
+    record = json.loads((out / "collect.json").read_text())
+    levels = {name: d["policy_step"] for name, d in record["datasets"].items() if "train" in name}
+    shared = record["shared_checkpoints"]
+    if len(set(levels.values())) < len(levels):
+        assert shared
+    else:
+        assert shared == {}
+
+
+def _subcommands(parser):
+    import argparse
+
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def test_every_option_has_help_and_shows_its_default():
+    import argparse
+
+    from lmencoders.cli import build_parser
+
+    for name, sub in _subcommands(build_parser()).items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+            has_default = (
+                action.default not in (None, "", argparse.SUPPRESS) and not action.required
+            )
+            if has_default and action.option_strings:
+                assert "(default: " in action.help, f"{name} {action.option_strings}"
+        text = sub.format_help()
+        assert "%%" not in text and "%(" not in text, name
+
+
+def test_the_cli_and_the_configs_share_their_defaults():
+    import dataclasses
+
+    from lmencoders.cli import build_parser
+    from lmencoders.collect import CollectConfig
+    from lmencoders.experiments import ExperimentConfig
+    from lmencoders.options import from_args
+    from lmencoders.train import TrainConfig
+
+    commands = _subcommands(build_parser())
+    for name, cls in [("train", TrainConfig), ("collect", CollectConfig)]:
+        assert from_args(cls, commands[name].parse_args([])) == cls()
+        assert {f.name for f in dataclasses.fields(cls)} <= set(vars(commands[name].parse_args([])))
+    args = commands["experiment"].parse_args(["--datasets", "a.npz"])
+    assert from_args(ExperimentConfig, args) == ExperimentConfig(datasets=["a.npz"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["precompute", "x.npz", "--batch-size", "-1"], "batch_size must be a positive integer"),
+        (["collect", "--train", "0"], "train_trajectories must be a positive integer"),
+        (["collect", "--checkpoint-every", "-5"], "checkpoint_every must be a positive integer"),
+        (["describe", "--rows", "0"], "rows must be a positive integer"),
+        (["evaluate", "run", "--episodes", "0"], "episodes must be a positive integer"),
+        (["experiment", "--datasets", "a.npz", "--steps", "0"], "steps must be a positive"),
+        (["experiment", "--datasets", "a.npz", "--seeds", "-1"], "seeds[] must be an integer >= 0"),
+    ],
+)
+def test_bad_counts_on_the_command_line_are_one_line_errors(
+    argv, message, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not list(tmp_path.iterdir())

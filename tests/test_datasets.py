@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import d3rlpy
+import gymnasium as gym
 import numpy as np
 import pytest
 from conftest import neorl_arrays
@@ -116,3 +117,147 @@ def test_neorl_file_to_training_to_evaluation(tmp_path, tiny_lm):
     env = make_env("Hopper-v5", max_episode_steps=20)
     score = d3rlpy.metrics.evaluate_qlearning_with_environment(algo, env, n_trials=1)
     assert np.isfinite(score)
+
+
+@pytest.mark.parametrize("field, row", [("action", 7), ("reward", 12), ("obs", 3)])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_data_is_refused_with_row_and_field(tmp_path, field, row, value):
+    arrays = neorl_arrays(2, steps=10)
+    arrays[field][row, 0] = value
+    path = tmp_path / "Hopper-v5-low-2-train.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DatasetFileError, match=rf"field '{field}' row {row}, column 0 is"):
+        read_neorl_file(path)
+    from lmencoders.cli import main
+
+    assert main(["train", "--dataset", str(path), "--out", str(tmp_path / "runs")]) == 2
+    assert not (tmp_path / "runs").exists()
+
+
+def test_d3rlpy_h5_files_train_precompute_and_keep_the_first_trajectories(tmp_path, tiny_lm):
+    from lmencoders.datasets import load_dataset
+    from lmencoders.train import TrainConfig, train
+
+    buffer = to_mdp_dataset(read_neorl_file(_neorl_file(tmp_path, 5)))
+    path = tmp_path / "hopper.h5"
+    with open(path, "w+b") as f:
+        buffer.dump(f)
+    dataset = load_dataset(path)
+    assert dataset.trajectories == 5 and dataset.env is None
+    assert load_dataset(path, train_num=2).trajectories == 2
+    assert np.array_equal(
+        dataset.observations(), load_dataset(_neorl_file(tmp_path, 5)).observations()
+    )
+    from lmencoders.cli import main
+
+    assert (
+        main(
+            [
+                "precompute",
+                str(path),
+                "--description",
+                "hopper",
+                "--model",
+                tiny_lm,
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
+    result = train(
+        TrainConfig(
+            dataset=str(path),
+            env="Hopper-v5",
+            encoder="vector",
+            steps=4,
+            eval_episodes=1,
+            batch_size=8,
+            out_dir=str(tmp_path / "runs"),
+            tensorboard=False,
+        )
+    )
+    assert result["dataset_trajectories"] == 5 and result["run"].startswith("hopper-td3+bc")
+    bad = buffer.episodes[1].rewards
+    bad[3] = np.nan
+    with open(path, "w+b") as f:
+        buffer.dump(f)
+    with pytest.raises(DatasetFileError, match=r"hopper\.h5: field 'rewards' row \d+"):
+        load_dataset(path)
+
+
+def _neorl_file(folder, trajectories):
+    path = folder / f"Hopper-v5-low-{trajectories}-train.npz"
+    if not path.exists():
+        np.savez(path, **neorl_arrays(trajectories, steps=12))
+    return path
+
+
+def _minari_dataset(folder, dataset_id: str, episodes: int = 3, steps: int = 15):
+    """A real local Minari dataset of Hopper-v5 (gymnasium's 11-dim layout) rollouts."""
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    env = gym.make("Hopper-v5", max_episode_steps=steps)
+    rng = np.random.default_rng(0)
+    buffers = []
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=episode)
+        columns = {
+            "observations": [obs],
+            "actions": [],
+            "rewards": [],
+            "terminations": [],
+            "truncations": [],
+        }
+        while True:
+            action = rng.uniform(-1, 1, 3).astype(np.float32)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            for key, value in zip(list(columns)[1:], (action, reward, terminated, truncated)):
+                columns[key].append(value)
+            columns["observations"].append(obs)
+            if terminated or truncated:
+                break
+        buffers.append(EpisodeBuffer(**{k: np.asarray(v) for k, v in columns.items()}))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # minari asks for author and code links
+        minari.create_dataset_from_buffers(dataset_id, buffers, env=env, algorithm_name="random")
+    return buffers
+
+
+def test_local_minari_datasets_load_train_and_evaluate(tmp_path, monkeypatch, tiny_lm):
+    pytest.importorskip("minari")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    from lmencoders.datasets import load_dataset
+    from lmencoders.train import TrainConfig, train
+
+    buffers = _minari_dataset(tmp_path, "test/hopper-random-v0")
+    dataset = load_dataset("minari:test/hopper-random-v0")
+    assert dataset.trajectories == 3 and dataset.env == "minari:test/hopper-random-v0"
+    steps = sum(len(b.actions) for b in buffers)
+    kept = sum(0 if b.terminations[-1] else 1 for b in buffers)  # time-outs keep their last obs
+    assert dataset.buffer.transition_count + len(buffers) - kept >= steps
+    assert len(dataset.observations()) >= steps
+    result = train(
+        TrainConfig(
+            dataset="minari:test/hopper-random-v0",
+            model=tiny_lm,
+            steps=4,
+            eval_episodes=1,
+            batch_size=8,
+            out_dir=str(tmp_path / "runs"),
+            tensorboard=False,
+        )
+    )
+    assert result["config"]["description"] == "hopper-v5"  # 11 dims: gymnasium's layout
+    assert result["evaluation"]["env"] == "minari:test/hopper-random-v0"
+    with pytest.raises(DatasetFileError, match="no such local Minari dataset"):
+        load_dataset("minari:test/absent-v0")
+
+
+def test_finrl_is_a_registered_gymnasium_environment():
+    env = gym.make("lmencoders/FinRL-v0")
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (181,)

@@ -31,14 +31,14 @@ def build(config_cls, factory: LMEncoderFactory, **kwargs):
 
 
 def factory_for(tiny_lm: str, tuning: str = "frozen", **kwargs) -> LMEncoderFactory:
-    return LMEncoderFactory(
+    settings = dict(
         description="hopper",
         model=tiny_lm,
         tuning=tuning,
         hidden_units=[32, 32],
         observation_scaler=d3rlpy.preprocessing.StandardObservationScaler(),
-        **kwargs,
     )
+    return LMEncoderFactory(**(settings | kwargs))
 
 
 def fit(algo, dataset, steps: int = 4) -> None:
@@ -314,3 +314,64 @@ def test_one_table_lookup_per_distinct_batch_tensor_in_an_update(
     # exact hits on the scaled inputs (no unscaling, no LM).
     assert lookups == [16] * 8
     assert fallbacks == []
+
+
+def _lm_encoders(algo) -> list:
+    modules = algo.impl.modules
+    found = []
+    for field in dataclasses.fields(modules):
+        module = getattr(modules, field.name)
+        if isinstance(module, torch.nn.Module):
+            found += [
+                m for m in module.modules() if isinstance(m, lmencoders.encoders.TextFeatures)
+            ]
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_a_factory_without_a_scaler_uses_the_algorithms_own(name, tiny_lm, hopper_dataset):
+    factory = factory_for(tiny_lm, observation_scaler=None)
+    scaler = d3rlpy.preprocessing.StandardObservationScaler()
+    config_cls = ALGORITHMS[name]
+    names = [f.name for f in dataclasses.fields(config_cls) if f.name.endswith("encoder_factory")]
+    algo = config_cls(**{n: factory for n in names}, observation_scaler=scaler, batch_size=16)
+    algo = algo.create()
+    fit(algo, hopper_dataset, steps=1)
+    features = _lm_encoders(algo)
+    assert features and all(f.observation_scaler is scaler for f in features)
+    obs = hopper_dataset.episodes[0].observations[:3]
+    scaled = scaler.transform(torch.as_tensor(obs))
+    assert torch.allclose(features[0].raw_observations(scaled), torch.as_tensor(obs), atol=1e-5)
+
+
+def test_an_unfitted_factory_scaler_defers_to_the_algorithms(tiny_lm, hopper_dataset):
+    factory = factory_for(tiny_lm)  # its own StandardObservationScaler object, never fitted
+    scaler = d3rlpy.preprocessing.StandardObservationScaler()
+    algo = d3rlpy.algos.TD3PlusBCConfig(
+        actor_encoder_factory=factory,
+        critic_encoder_factory=factory,
+        observation_scaler=scaler,
+        batch_size=16,
+    ).create()
+    fit(algo, hopper_dataset, steps=1)
+    assert all(f.observation_scaler is scaler for f in _lm_encoders(algo))
+
+
+def test_a_factory_scaler_that_contradicts_the_algorithm_is_refused(tiny_lm, hopper_dataset):
+    from lmencoders.errors import ConfigError
+
+    fitted = d3rlpy.preprocessing.StandardObservationScaler(mean=np.zeros(12), std=np.ones(12))
+    factory = factory_for(tiny_lm, observation_scaler=fitted)
+    algo = d3rlpy.algos.TD3PlusBCConfig(
+        actor_encoder_factory=factory,
+        critic_encoder_factory=factory,
+        observation_scaler=d3rlpy.preprocessing.StandardObservationScaler(),
+        batch_size=16,
+    ).create()
+    with pytest.raises(ConfigError, match="another object than TD3PlusBC's.*Leave the factory's"):
+        fit(algo, hopper_dataset, steps=1)
+    algo = d3rlpy.algos.TD3PlusBCConfig(
+        actor_encoder_factory=factory, critic_encoder_factory=factory, batch_size=16
+    ).create()
+    with pytest.raises(ConfigError, match="TD3PlusBC has none"):
+        fit(algo, hopper_dataset, steps=1)

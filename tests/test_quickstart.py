@@ -26,7 +26,7 @@ def test_quickstart_trains_saves_reloads_and_evaluates(tmp_path):
             "--eval-episodes",
             "1",
             "--out",
-            str(tmp_path / "q.d3"),
+            str(tmp_path / "model"),
         ],
         capture_output=True,
         text=True,
@@ -35,7 +35,8 @@ def test_quickstart_trains_saves_reloads_and_evaluates(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"evaluated return of the reloaded policy .*: -?\d+\.\d", result.stdout)
-    assert (tmp_path / "q.d3").stat().st_size < 10_000_000  # an LM copy alone is 87 MB
+    saved = sum(p.stat().st_size for p in (tmp_path / "model").iterdir())
+    assert saved < 10_000_000  # an LM copy alone is 87 MB
 
 
 @pytest.mark.slow
@@ -63,3 +64,5 @@ def test_readme_main_command_trains_on_the_shipped_dataset(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"evaluated return on Hopper-v5 over 1 episodes: -?\d+\.\d", result.stdout)
     assert "normalised score" in result.stdout
+    model = re.search(r"^model: (.+)$", result.stdout, re.MULTILINE)[1]
+    assert Path(model).is_file() and Path(model).with_name("result.json").is_file()

@@ -1,0 +1,29 @@
+"""The library's style and typed signatures, checked wherever the tests run (CI included)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]])
+def test_ruff_passes(command):
+    ruff = shutil.which("ruff")
+    assert ruff, "ruff is a test dependency: pip install -e '.[test]'"
+    result = subprocess.run([ruff, *command, "."], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-1000:]
+
+
+def test_every_library_signature_is_typed():
+    rules = "ANN001,ANN201,ANN202,ANN204,ANN205,ANN206"
+    ruff = shutil.which("ruff")
+    assert ruff
+    result = subprocess.run(
+        [ruff, "check", "--select", rules, "lmencoders"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
