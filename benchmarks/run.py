@@ -228,7 +228,7 @@ def update_time(dataset, quick: bool) -> str:
         dataset, lmencoders.LMEncoderFactory(description="hopper", max_length=255), small
     )
     description = lmencoders.load_description("hopper")
-    frozen_features(DEFAULT_MODEL, description, "mean", 255).table = FeatureTable(
+    frozen_features(DEFAULT_MODEL, description, max_length=255).table = FeatureTable(
         description.size, 384, max_rows=0
     )  # no table: every encoder call runs the LM
     add(

@@ -15,7 +15,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .checks import optional_positive
 from .errors import ModelNotFoundError, UnreachableTokenError
-from .tokens import length_buckets, tokenize_texts
+from .tokens import Chunks, length_buckets, tokenize_texts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -333,6 +333,7 @@ class LanguageModel:
         self,
         segments: Sequence[Sequence[str]],
         separator: str,
+        *,
         pooling: str = "mean",
         max_length: int | None = None,
         batch_size: int | None = None,
@@ -349,47 +350,49 @@ class LanguageModel:
         """
         window = min(optional_positive(max_length, "max_length") or self.window, self.window)
         batch_size = optional_positive(batch_size, "batch_size") or default_batch_size(self.device)
-        joined = [separator.join(s) for s in segments]
-        unique: dict[str, int] = {}
-        inverse = np.fromiter(
-            (unique.setdefault(t, len(unique)) for t in joined), np.int64, len(joined)
-        )
-        firsts = np.unique(inverse, return_index=True)[1]
+        firsts, inverse = _distinct(separator.join(s) for s in segments)
         chunks = tokenize_texts(self.tokenizer, [segments[i] for i in firsts], separator, window)
         if vocabulary is not None:
             self._check_vocabulary(chunks.ids, vocabulary)
-        pool = POOLINGS[pooling]
-        device = self.device
-        pooled = torch.empty(len(chunks.ids), self.hidden_size, device=device)
-        weights = torch.empty(len(chunks.ids), device=device)
-        pad_id = self.tokenizer.pad_token_id or 0
         needs_grad = bool(parameters) and torch.is_grad_enabled()
         with torch.set_grad_enabled(needs_grad) if needs_grad else torch.inference_mode():
-            parts = []
-            bar = tqdm(
-                total=len(chunks.ids), desc="LM forward", unit="chunk", disable=not show_progress
+            pooled, weights = self._pooled_chunks(
+                chunks.ids, POOLINGS[pooling], batch_size, parameters, show_progress
             )
-            for positions, input_ids, mask in length_buckets(chunks.ids, batch_size, pad_id):
-                hidden = self._hidden(input_ids.to(device), mask.to(device), parameters)
-                vectors, w = pool(hidden, mask.to(device))
-                parts.append((torch.as_tensor(positions, device=device), vectors, w))
-                bar.update(len(positions))
-            bar.close()
-            if needs_grad:  # keep the graph: assemble without in-place writes
-                positions = torch.cat([p for p, _, _ in parts])
-                order = torch.argsort(positions)
-                pooled = torch.cat([v for _, v, _ in parts])[order]
-                weights = torch.cat([w for _, _, w in parts])[order]
-            else:
-                for pos, vectors, w in parts:
-                    pooled[pos] = vectors
-                    weights[pos] = w
-            owner = torch.as_tensor(chunks.owner, device=device)
-            total = torch.zeros(chunks.num_texts, device=device).index_add(0, owner, weights)
-            merged = torch.zeros(chunks.num_texts, self.hidden_size, device=device).index_add(
-                0, owner, pooled * weights.unsqueeze(-1)
-            ) / total.unsqueeze(-1)
-        return merged[torch.as_tensor(inverse, device=device)]
+            merged = _merge_chunks(chunks, pooled, weights)
+        return merged[torch.as_tensor(inverse, device=self.device)]
+
+    def _pooled_chunks(
+        self,
+        ids: Sequence[Sequence[int]],
+        pool: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        batch_size: int,
+        parameters: dict[str, torch.Tensor] | None,
+        show_progress: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pooled vector and merge weight per chunk, in ``ids`` order (batches run sorted
+        by length, each padded to its own longest)."""
+        device = self.device
+        pad_id = self.tokenizer.pad_token_id or 0
+        parts = []
+        bar = tqdm(total=len(ids), desc="LM forward", unit="chunk", disable=not show_progress)
+        for positions, input_ids, mask in length_buckets(ids, batch_size, pad_id):
+            hidden = self._hidden(input_ids.to(device), mask.to(device), parameters)
+            vectors, w = pool(hidden, mask.to(device))
+            parts.append((torch.as_tensor(positions, device=device), vectors, w))
+            bar.update(len(positions))
+        bar.close()
+        if torch.is_grad_enabled():  # keep the graph: assemble without in-place writes
+            order = torch.argsort(torch.cat([p for p, _, _ in parts]))
+            return torch.cat([v for _, v, _ in parts])[order], torch.cat([w for _, _, w in parts])[
+                order
+            ]
+        pooled = torch.empty(len(ids), self.hidden_size, device=device)
+        weights = torch.empty(len(ids), device=device)
+        for positions, vectors, w in parts:
+            pooled[positions] = vectors
+            weights[positions] = w
+        return pooled, weights
 
     def _check_vocabulary(self, ids: Sequence[Sequence[int]], vocabulary: np.ndarray) -> None:
         flat = np.fromiter((i for chunk in ids for i in chunk), dtype=np.int64)
@@ -400,6 +403,23 @@ class LanguageModel:
                 f"tokens {tokens} are not among the trainable embedding rows computed from the "
                 f"description; please report this with the description and the observation"
             )
+
+
+def _distinct(texts: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the first copy of each distinct text, and each text's distinct index."""
+    seen: dict[str, int] = {}
+    inverse = np.fromiter((seen.setdefault(t, len(seen)) for t in texts), np.int64)
+    return np.unique(inverse, return_index=True)[1], inverse
+
+
+def _merge_chunks(chunks: Chunks, pooled: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """One vector per text: the weighted mean of its chunks' vectors."""
+    owner = torch.as_tensor(chunks.owner, device=pooled.device)
+    total = torch.zeros(chunks.num_texts, device=pooled.device).index_add(0, owner, weights)
+    summed = torch.zeros(chunks.num_texts, pooled.shape[1], device=pooled.device).index_add(
+        0, owner, pooled * weights.unsqueeze(-1)
+    )
+    return summed / total.unsqueeze(-1)
 
 
 # --------------------------------------------------------------------------- registry

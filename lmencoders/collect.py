@@ -173,6 +173,7 @@ def _announce(chosen: dict[str, dict]) -> dict[int, list[str]]:
 def rollout(
     algo: d3rlpy.algos.QLearningAlgoBase,
     env: gym.Env,
+    *,
     trajectories: int,
     max_steps: int,
     sample_probability: float,
@@ -231,7 +232,12 @@ def collect(config: CollectConfig, command: str = "") -> dict:
                 env = make_env(task)
                 seed = config.seed + 1_000_000 * (1 + offset) + 100_000 * config.levels.index(level)
                 data = rollout(
-                    algo, env, count, config.max_episode_steps, config.sample_probability, seed
+                    algo,
+                    env,
+                    trajectories=count,
+                    max_steps=config.max_episode_steps,
+                    sample_probability=config.sample_probability,
+                    seed=seed,
                 )
                 atomic_write(path, lambda f, d=data: np.savez_compressed(f, **d))
             returns = read_neorl_file(path).returns()

@@ -70,6 +70,7 @@ class TextFeatures(nn.Module):
         self,
         model: str,
         description: StateDescription,
+        *,
         tuning: TuningMode,
         pooling: str,
         max_length: int | None,
@@ -100,7 +101,9 @@ class TextFeatures(nn.Module):
             {_mangle(n): nn.Parameter(t.detach().clone()) for n, t in trained.items()}
         )
         self._frozen = (
-            None if tuning.trains_lm else frozen_features(model, description, pooling, max_length)
+            None
+            if tuning.trains_lm
+            else frozen_features(model, description, pooling=pooling, max_length=max_length)
         )
         self._memo: tuple[torch.Tensor, tuple, torch.Tensor] | None = None
 
@@ -311,11 +314,11 @@ class LMEncoderFactory(EncoderFactory):
         return TextFeatures(
             self.model,
             description,
-            self.tuning_mode(),
-            self.pooling,
-            self.max_length,
-            self.batch_size,
-            self.scaler_for(_algorithm_being_built()),
+            tuning=self.tuning_mode(),
+            pooling=self.pooling,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            observation_scaler=self.scaler_for(_algorithm_being_built()),
         )
 
     def scaler_for(self, algo: LearnableBase | None) -> ObservationScaler | None:

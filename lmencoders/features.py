@@ -42,7 +42,7 @@ class FrozenFeatures:
     """Cached features of one (frozen LM, description, pooling, window) combination."""
 
     def __init__(
-        self, model: str, description: StateDescription, pooling: str, max_length: int | None
+        self, model: str, description: StateDescription, *, pooling: str, max_length: int | None
     ) -> None:
         self.model = model
         self.description = description
@@ -172,7 +172,11 @@ _REGISTRY_LOCK = threading.Lock()
 
 
 def frozen_features(
-    model: str, description: StateDescription, pooling: str = "mean", max_length: int | None = None
+    model: str | Path,
+    description: StateDescription,
+    *,
+    pooling: str = "mean",
+    max_length: int | None = None,
 ) -> FrozenFeatures:
     """The process-wide cache for this combination, shared by every encoder that uses it."""
     lm = language_model(model)
@@ -180,7 +184,9 @@ def frozen_features(
     with _REGISTRY_LOCK:
         if key not in _REGISTRY:
             # the resolved folder, not the name: a Hub id may resolve differently later
-            _REGISTRY[key] = FrozenFeatures(lm.path, description, pooling, max_length)
+            _REGISTRY[key] = FrozenFeatures(
+                lm.path, description, pooling=pooling, max_length=max_length
+            )
         return _REGISTRY[key]
 
 
@@ -208,7 +214,9 @@ def embed_observations(
     """
     batch_size = optional_positive(batch_size, "batch_size")
     max_length = optional_positive(max_length, "max_length")
-    cache = frozen_features(model, load_description(description), pooling, max_length)
+    cache = frozen_features(
+        model, load_description(description), pooling=pooling, max_length=max_length
+    )
     return cache(np.asarray(observations), device, batch_size, show_progress).copy()
 
 
@@ -256,13 +264,13 @@ def precompute_features(
     batch_size = optional_positive(batch_size, "batch_size")
     max_length = optional_positive(max_length, "max_length")
     description = load_description(description)
-    table = frozen_features(model, description, pooling, max_length)
+    table = frozen_features(model, description, pooling=pooling, max_length=max_length)
     observations = np.asarray(observations)
     codes = description.quantize(observations)
     unique, first = np.unique(codes, axis=0, return_index=True)
     raw = observations[first].astype(np.float32)
 
-    def report(source: str, path: Path | None) -> PrecomputeReport:
+    def finished(source: str, path: Path | None) -> PrecomputeReport:
         seconds = time.perf_counter() - start
         return PrecomputeReport(len(codes), len(unique), source, path, seconds)
 
@@ -271,20 +279,20 @@ def precompute_features(
         if world > 1:
             raise ValueError("sharded precompute needs a cache_dir shared by all processes")
         table.table.insert(unique, table.compute(unique, device, batch_size, show_progress), raw)
-        return report("computed", None)
+        return finished("computed", None)
     key = _cache_key(table, unique)
     path = Path(cache_dir) / key.filename()
     cached = load_features(path, key, table.hidden_size)
     if cached is not None:
         table.table.insert(*cached)
-        return report("disk", path)
+        return finished("disk", path)
     if world > 1:
         features = _compute_sharded(table, unique, raw, path, device, batch_size, show_progress)
     else:
         features = table.compute(unique, device, batch_size, show_progress)
         save_features(path, key, unique, features, raw)
     table.table.insert(unique, features, raw)
-    return report("computed", path)
+    return finished("computed", path)
 
 
 def _cache_key(table: FrozenFeatures, unique_codes: np.ndarray) -> CacheKey:

@@ -14,7 +14,7 @@ import numpy as np
 
 from .experiments import METHODS, PAPER_RESULTS
 
-__all__ = ["report", "write_results"]
+__all__ = ["write_results"]
 
 
 def _method_of(result: dict) -> str:
@@ -55,13 +55,8 @@ def _finished_runs(out: Path) -> list[tuple[Path, dict]]:
     ]
 
 
-def report(out_dir: str | Path) -> str:
-    """``results.csv``, a Markdown table and ``curves-<dataset>.png`` from the run folders."""
-    out = Path(out_dir)
-    return _report(out, _finished_runs(out))
-
-
-def _report(out: Path, runs: list[tuple[Path, dict]]) -> str:
+def _tables(out: Path, runs: list[tuple[Path, dict]]) -> str:
+    """Write ``results.csv`` and the learning curves; return the Markdown tables."""
     rows = []
     for run_dir, result in runs:
         evaluation = result["evaluation"]
@@ -221,7 +216,7 @@ def write_results(
     ``results/`` folder beside it; returns the table."""
     out, target = Path(out_dir), Path(results_file)
     runs = _finished_runs(out)
-    table = _report(out, runs)
+    table = _tables(out, runs)
     figures = target.parent / "results"
     figures.mkdir(parents=True, exist_ok=True)
     shutil.copy(out / "results.csv", figures / "results.csv")

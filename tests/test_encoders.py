@@ -15,7 +15,7 @@ from lmencoders.backbone import Frozen, clear_loaded_models, language_model, loa
 from lmencoders.features import clear_feature_caches
 from lmencoders.train import ALGORITHMS
 
-TUNINGS = ["frozen", "ln_embed", "lora", "full"]
+TUNINGS = sorted(lmencoders.TUNING_MODES)
 
 
 def build(config_cls, factory: LMEncoderFactory, **kwargs):
@@ -146,7 +146,7 @@ def test_tuned_modes_train_their_tensors_and_never_touch_the_shared_body(tiny_lm
     assert any("LayerNorm" in k for k in changed) and any("word_embeddings" in k for k in changed)
 
 
-@pytest.mark.parametrize("tuning", ["frozen", "ln_embed"])
+@pytest.mark.parametrize("tuning", TUNINGS)
 def test_lm_stays_in_eval_mode_during_updates(tuning, tiny_lm, hopper_dataset):
     factory = factory_for(tiny_lm, tuning)
     lm = language_model(tiny_lm, factory.tuning_mode())
