@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checks import optional_positive
-from .errors import ModelNotFoundError, UnreachableTokenError
+from .errors import ConfigError, ModelNotFoundError, UnreachableTokenError
 from .tokens import Chunks, length_buckets, tokenize_texts
 
 if TYPE_CHECKING:
@@ -149,7 +149,7 @@ TUNING_MODES: dict[str, type[TuningMode]] = {
 
 def make_tuning(name: str, **options) -> TuningMode:
     if name not in TUNING_MODES:
-        raise ValueError(f"unknown tuning mode {name!r}; choose one of {sorted(TUNING_MODES)}")
+        raise ConfigError(f"unknown tuning mode {name!r}; choose one of {sorted(TUNING_MODES)}")
     cls = TUNING_MODES[name]
     accepted = {f for f in cls.__dataclass_fields__}
     return cls(**{k: v for k, v in options.items() if k in accepted})

@@ -13,6 +13,7 @@ looks complete.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import time
 import warnings
@@ -57,6 +58,9 @@ class CollectConfig:
     scale_observations: bool = option(
         False, "standardise SAC's inputs with statistics of random-action rollouts (FinRL)"
     )
+    stop_at_return: float | None = option(
+        None, "stop SAC at the first checkpoint whose mean return reaches this"
+    )
     seed: int = option(0, "random seed")
 
     def __post_init__(self) -> None:
@@ -99,22 +103,60 @@ def random_action_scaler(
     return d3rlpy.preprocessing.StandardObservationScaler(mean=seen.mean(0), std=seen.std(0))
 
 
+def _save_buffer(buffer: d3rlpy.dataset.ReplayBuffer, path: Path) -> None:
+    data = io.BytesIO()  # h5py needs a readable file; the temporary one is write-only
+    buffer.dump(data)
+    atomic_write(path, lambda f: f.write(data.getvalue()))
+
+
+def _load_buffer(path: Path, limit: int) -> d3rlpy.dataset.ReplayBuffer | None:
+    """SAC's replay buffer as saved at its last checkpoint; ``None`` if absent or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            return d3rlpy.dataset.ReplayBuffer.load(f, d3rlpy.dataset.FIFOBuffer(limit))
+    except Exception as exc:  # a broken file costs the buffer, never the run
+        warnings.warn(
+            f"{path}: unreadable SAC replay buffer ({exc}); starting a new one", stacklevel=2
+        )
+        return None
+
+
 def train_behaviour_policies(config: CollectConfig, folder: Path) -> list[dict]:
-    """SAC online, one saved policy and its mean return per ``checkpoint_every`` steps."""
+    """SAC online, one saved policy and its mean return per ``checkpoint_every`` steps.
+
+    Resumable: every checkpoint saves the policy with its critics and optimiser states, the
+    replay buffer, and the list of checkpoints so far (``sac-progress.json``); a run that dies
+    goes on from its last checkpoint. With ``stop_at_return``, SAC stops at the first
+    checkpoint that reaches it. ``sac-checkpoints.json`` marks the finished stage."""
     log_path = folder / "sac-checkpoints.json"
     if log_path.is_file():
         return json.loads(log_path.read_text())
-    d3rlpy.seed(config.seed)
+    progress_path = folder / "sac-progress.json"
+    buffer_path = folder / "sac-buffer.h5"
+    history: list[dict] = json.loads(progress_path.read_text()) if progress_path.is_file() else []
+    d3rlpy.seed(config.seed + len(history))
     env = make_env(config.env)
     eval_envs = [make_env(config.env) for _ in range(config.eval_episodes)]
-    env.reset(seed=config.seed)
-    scaler = None
-    if config.scale_observations:
-        scaler = random_action_scaler(make_env(config.env), 5_000, config.seed)
-    sac = d3rlpy.algos.SACConfig(batch_size=256, observation_scaler=scaler).create(device="cpu")
-    buffer = d3rlpy.dataset.create_fifo_replay_buffer(limit=config.sac_steps, env=env)
-    history = []
-    for step in range(config.checkpoint_every, config.sac_steps + 1, config.checkpoint_every):
+    env.reset(seed=config.seed + len(history))
+    warmup = 0
+    if history:
+        last = history[-1]
+        sac = load_model(folder / last["path"], trust_pickle=last["path"].endswith(".d3"))
+        buffer = _load_buffer(buffer_path, config.sac_steps)
+        if buffer is None:  # learn from fresh experience of the current policy first
+            buffer = d3rlpy.dataset.create_fifo_replay_buffer(limit=config.sac_steps, env=env)
+            warmup = min(10_000, config.checkpoint_every)
+        print(f"resuming SAC after step {last['step']} (return {last['return']:.1f})")
+    else:
+        scaler = None
+        if config.scale_observations:
+            scaler = random_action_scaler(make_env(config.env), 5_000, config.seed)
+        sac = d3rlpy.algos.SACConfig(batch_size=256, observation_scaler=scaler).create()
+        buffer = d3rlpy.dataset.create_fifo_replay_buffer(limit=config.sac_steps, env=env)
+    first = history[-1]["step"] + config.checkpoint_every if history else config.checkpoint_every
+    for step in range(first, config.sac_steps + 1, config.checkpoint_every):
         sac.fit_online(
             env,
             buffer,
@@ -123,15 +165,23 @@ def train_behaviour_policies(config: CollectConfig, folder: Path) -> list[dict]:
             random_steps=min(5_000, config.checkpoint_every)
             if step == config.checkpoint_every
             else 0,
+            update_start_step=warmup,
             save_interval=10**9,
             logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
             show_progress=True,
         )
+        warmup = 0
         path = save_model(sac, folder / "policies" / f"sac-{step}")
         score = float(np.mean(episode_returns(sac.predict, eval_envs, seed=10_000)))
         history.append({"step": step, "return": score, "path": str(path.relative_to(folder))})
+        _save_buffer(buffer, buffer_path)
+        atomic_write(progress_path, lambda f: f.write(json.dumps(history, indent=1).encode()))
         print(f"SAC step {step}: mean return {score:.1f}", flush=True)
+        if config.stop_at_return is not None and score >= config.stop_at_return:
+            print(f"SAC reached {config.stop_at_return}: stopping at step {step}", flush=True)
+            break
     atomic_write(log_path, lambda f: f.write(json.dumps(history, indent=1).encode()))
+    buffer_path.unlink(missing_ok=True)  # only needed to resume; the policies stay
     return history
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .checks import first_non_finite, optional_positive
-from .errors import LMEncodersError
+from .errors import ConfigError, LMEncodersError
 
 if TYPE_CHECKING:
     from d3rlpy.dataset import MDPDataset, ReplayBufferBase
@@ -68,9 +68,9 @@ def neorl_md5_index() -> dict[str, str]:
 def neorl_file_name(task: str, level: str, size: int, split: str = "train") -> str:
     """NeoRL's file name: ``("Hopper-v3", "low", 99)`` -> ``Hopper-v3-low-100-train-noise.npz``."""
     if level not in LEVELS:
-        raise ValueError(f"unknown level {level!r}; choose one of {LEVELS}")
+        raise ConfigError(f"unknown level {level!r}; choose one of {LEVELS}")
     if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
     size = _V1_NAMES.get(size, size)
     base = f"{task}-{level}-{size}-{split}"
     index = neorl_md5_index()

@@ -117,7 +117,7 @@ class TextFeatures(nn.Module):
             # never fitted (a different object) must be reported.
             if not torch.is_grad_enabled():
                 return x
-            raise RuntimeError(
+            raise ConfigError(
                 "the observation_scaler given to LMEncoderFactory is not fitted: pass the same "
                 "scaler object to the algorithm config, which fits it before building encoders"
             )
@@ -309,7 +309,7 @@ class LMEncoderFactory(EncoderFactory):
     def _features(self, observation_shape: Sequence[int]) -> TextFeatures:
         description = self.load_description()
         if len(observation_shape) != 1:
-            raise ValueError(f"LM encoders need flat observations, got shape {observation_shape}")
+            raise ConfigError(f"LM encoders need flat observations, got shape {observation_shape}")
         description.check_size(int(observation_shape[0]))
         return TextFeatures(
             self.model,
@@ -392,7 +392,7 @@ class LMEncoderFactory(EncoderFactory):
         ``~/.cache/lmencoders``; ``False`` keeps them in memory only).
         """
         if self.tuning != "frozen":
-            raise ValueError(f"precompute needs tuning='frozen'; {self.tuning!r} trains the LM")
+            raise ConfigError(f"precompute needs tuning='frozen'; {self.tuning!r} trains the LM")
         if isinstance(observations, d3rlpy.dataset.ReplayBufferBase):
             observations = replay_buffer_observations(observations)
         return precompute_features(

@@ -12,6 +12,8 @@ import gymnasium as gym
 import numpy as np
 from tqdm.auto import tqdm
 
+from .errors import ConfigError
+
 __all__ = [
     "TASKS",
     "make_env",
@@ -100,7 +102,7 @@ def description_for(task: str, observation_size: int | None = None) -> str:
 
         spec = minari_dataset(task.removeprefix("minari:")).spec.env_spec
         if spec is None:
-            raise ValueError(f"{task} names no environment: pass description= explicitly")
+            raise ConfigError(f"{task} names no environment: pass description= explicitly")
         return description_for(spec.id, observation_size)
     family = task.split("-")[0].lower()
     if family in ("hopper", "walker2d", "halfcheetah"):
@@ -109,7 +111,7 @@ def description_for(task: str, observation_size: int | None = None) -> str:
         for name in (family, f"{family}-v5"):
             if observation_size in (None, load_description(name).size):
                 return name
-    raise ValueError(f"no shipped description for {task!r}: pass description= explicitly")
+    raise ConfigError(f"no shipped description for {task!r}: pass description= explicitly")
 
 
 def normalized_score(task: str, raw_return: float) -> float | None:

@@ -23,7 +23,7 @@ from .backbone import DEFAULT_MODEL, Frozen, LanguageModel, language_model
 from .cache import CacheKey, dataset_sha256, load_features, save_features
 from .checks import optional_positive
 from .description import StateDescription, load_description
-from .errors import FeatureError
+from .errors import ConfigError, FeatureError
 from .table import FeatureTable, RowIndex, float_bits
 
 if TYPE_CHECKING:  # only the encoders module imports d3rlpy
@@ -277,7 +277,7 @@ def precompute_features(
     _, world = _distributed()
     if cache_dir is None:
         if world > 1:
-            raise ValueError("sharded precompute needs a cache_dir shared by all processes")
+            raise ConfigError("sharded precompute needs a cache_dir shared by all processes")
         table.table.insert(unique, table.compute(unique, device, batch_size, show_progress), raw)
         return finished("computed", None)
     key = _cache_key(table, unique)

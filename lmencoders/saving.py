@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import UnsafeFileError
+from .errors import ConfigError, ModelMismatchError, UnsafeFileError
 from .files import atomic_write
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ def save_model(algo: LearnableBase, folder: str | Path) -> Path:
     from d3rlpy.base import LearnableConfigWithShape
 
     if algo.impl is None:
-        raise ValueError("the algorithm has no networks yet: build or fit it before saving")
+        raise ConfigError("the algorithm has no networks yet: build or fit it before saving")
     folder = Path(folder)
     config = LearnableConfigWithShape(
         observation_shape=algo.impl.observation_shape,
@@ -95,7 +95,9 @@ def load_model(
     modules = algo.impl.modules.create_checkpointer(algo.impl.device).modules
     missing = sorted(set(modules) - set(state))
     if missing:
-        raise ValueError(f"{weights_file}: no weights for {missing}")
+        raise ModelMismatchError(
+            f"{weights_file}: no weights for {missing} named in {config_file.name}"
+        )
     for name, module in modules.items():
         module.load_state_dict(state[name])
     return algo

@@ -285,3 +285,59 @@ def test_bad_counts_on_the_command_line_are_one_line_errors(
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not list(tmp_path.iterdir())
+
+
+def test_sac_resumes_from_its_last_checkpoint_after_dying(tmp_path, monkeypatch, capsys):
+    import lmencoders.collect as collect_module
+    from lmencoders.collect import CollectConfig, train_behaviour_policies
+
+    config = CollectConfig(
+        env="Hopper-v5",
+        out_dir=str(tmp_path),
+        sac_steps=600,
+        checkpoint_every=200,
+        eval_episodes=1,
+        train_trajectories=1,
+        val_trajectories=0,
+        max_episode_steps=20,
+    )
+    original = collect_module.save_model
+    saved = []
+
+    def dies_at_the_third(algo, folder):
+        if len(saved) == 2:
+            raise KeyboardInterrupt  # the machine went away
+        saved.append(folder)
+        return original(algo, folder)
+
+    monkeypatch.setattr(collect_module, "save_model", dies_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        train_behaviour_policies(config, tmp_path)
+    progress = json.loads((tmp_path / "sac-progress.json").read_text())
+    assert [h["step"] for h in progress] == [200, 400]
+    assert (tmp_path / "sac-buffer.h5").is_file() and not (
+        tmp_path / "sac-checkpoints.json"
+    ).exists()
+    kept = (tmp_path / "policies" / "sac-200" / "model.pt").read_bytes()
+    monkeypatch.setattr(collect_module, "save_model", original)
+    history = train_behaviour_policies(config, tmp_path)
+    assert "resuming SAC after step 400" in capsys.readouterr().out
+    assert [h["step"] for h in history] == [200, 400, 600] and history[:2] == progress
+    assert (tmp_path / "policies" / "sac-200" / "model.pt").read_bytes() == kept
+    assert not (tmp_path / "sac-buffer.h5").exists()  # finished: only the policies stay
+    assert train_behaviour_policies(config, tmp_path) == history  # finished stage is skipped
+
+
+def test_sac_stops_at_the_return_asked_for(tmp_path):
+    from lmencoders.collect import CollectConfig, train_behaviour_policies
+
+    config = CollectConfig(
+        env="Hopper-v5",
+        out_dir=str(tmp_path),
+        sac_steps=600,
+        checkpoint_every=200,
+        eval_episodes=1,
+        max_episode_steps=20,
+        stop_at_return=-1e9,
+    )
+    assert [h["step"] for h in train_behaviour_policies(config, tmp_path)] == [200]
