@@ -38,6 +38,8 @@ __all__ = [
     "TuningMode",
     "TUNING_MODES",
     "POOLINGS",
+    "PIECE_POOLING",
+    "POOLING_NAMES",
     "make_tuning",
     "language_model",
 ]
@@ -175,6 +177,10 @@ POOLINGS: dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, t
     "mean": _mean_pool,
     "cls": _cls_pool,
 }
+# One vector per piece of the description (dimension or group) instead of one per text:
+# frozen LMs only (LanguageModel.encode_pieces); the encoder reads the pieces with a readout.
+PIECE_POOLING = "segments"
+POOLING_NAMES = (*POOLINGS, PIECE_POOLING)
 
 
 # --------------------------------------------------------------------------- the model
@@ -393,6 +399,47 @@ class LanguageModel:
             pooled[positions] = vectors
             weights[positions] = w
         return pooled, weights
+
+    def encode_pieces(
+        self,
+        segments: Sequence[Sequence[str]],
+        separator: str,
+        *,
+        max_length: int | None = None,
+        batch_size: int | None = None,
+        show_progress: bool = False,
+    ) -> torch.Tensor:
+        """Features (N, P, H) of N texts of P segments each: for every segment, the mean of its
+        own tokens' contextual states (separators and special tokens excluded), from one
+        frozen forward pass of the whole text (or of the chunk that holds the segment)."""
+        window = min(optional_positive(max_length, "max_length") or self.window, self.window)
+        batch_size = optional_positive(batch_size, "batch_size") or default_batch_size(self.device)
+        firsts, inverse = _distinct(separator.join(s) for s in segments)
+        distinct = [segments[i] for i in firsts]
+        chunks = tokenize_texts(self.tokenizer, distinct, separator, window, with_pieces=True)
+        assert chunks.pieces is not None
+        per_text = len(distinct[0]) if distinct else 0
+        device = self.device
+        sums = torch.zeros(len(distinct) * per_text, self.hidden_size, device=device)
+        counts = torch.zeros(len(distinct) * per_text, device=device)
+        pad_id = self.tokenizer.pad_token_id or 0
+        bar = tqdm(
+            total=len(chunks.ids), desc="LM forward", unit="chunk", disable=not show_progress
+        )
+        with torch.inference_mode():
+            for positions, input_ids, mask in length_buckets(chunks.ids, batch_size, pad_id):
+                hidden = self._hidden(input_ids.to(device), mask.to(device), None)
+                piece = torch.full(input_ids.shape, -1, dtype=torch.long)
+                for row, pos in enumerate(positions.tolist()):
+                    piece[row, : len(chunks.pieces[pos])] = torch.from_numpy(chunks.pieces[pos])
+                piece = piece.to(device)
+                kept = piece >= 0
+                sums.index_add_(0, piece[kept], hidden[kept])
+                counts.index_add_(0, piece[kept], torch.ones_like(piece[kept], dtype=sums.dtype))
+                bar.update(len(positions))
+        bar.close()
+        features = (sums / counts.clamp(min=1).unsqueeze(-1)).view(len(distinct), per_text, -1)
+        return features[torch.as_tensor(inverse, device=device)]
 
     def _check_vocabulary(self, ids: Sequence[Sequence[int]], vocabulary: np.ndarray) -> None:
         flat = np.fromiter((i for chunk in ids for i in chunk), dtype=np.int64)

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .backbone import ALLOW_DOWNLOAD, DEFAULT_MODEL, POOLINGS
+from .backbone import ALLOW_DOWNLOAD, DEFAULT_MODEL, POOLING_NAMES
 from .checks import optional_positive, positive
 from .options import add_options, from_args, option
 
@@ -30,7 +30,7 @@ class PrecomputeConfig:
     )
     train_num: int | None = option(None, "keep only the first trajectories (as train does)")
     model: str = option(DEFAULT_MODEL, "Hugging Face name or local directory of the LM")
-    pooling: str = option("mean", "how token states become one vector", choices=sorted(POOLINGS))
+    pooling: str = option("mean", "how token states become features", choices=sorted(POOLING_NAMES))
     max_length: int | None = option(None, "token window (default: the model's)")
     batch_size: int | None = option(None, "texts per LM forward (default: 16 on CPU, 256 on GPU)")
     device: str = option("cpu", "torch device")

@@ -213,6 +213,21 @@ class StateDescription:
     def name(self) -> str:
         return self.schema.name
 
+    @property
+    def num_segments(self) -> int:
+        """Pieces of text per observation: single dimensions and groups."""
+        return len(self._segments)
+
+    @property
+    def segment_labels(self) -> list[str]:
+        """A label per piece, in text order: the dimension's label or the group's."""
+        owner = self._group_of_dimension()
+        items = self.schema.groups.items if self.schema.groups else []
+        return [
+            items[owner[dims[0]]].label if dims[0] in owner else self.labels[dims[0]]
+            for _, dims in self._segments
+        ]
+
     @functools.cached_property
     def fingerprint(self) -> str:
         """sha256 of the validated content: equal fingerprints write equal texts."""

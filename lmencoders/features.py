@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .backbone import DEFAULT_MODEL, Frozen, LanguageModel, language_model
+from .backbone import DEFAULT_MODEL, PIECE_POOLING, Frozen, LanguageModel, language_model
 from .cache import CacheKey, dataset_sha256, load_features, save_features
 from .checks import optional_positive
 from .description import StateDescription, load_description
@@ -49,7 +49,13 @@ class FrozenFeatures:
         self.pooling = pooling
         self.max_length = max_length
         self.hidden_size = language_model(model).hidden_size
-        self.table = FeatureTable(description.size, self.hidden_size)
+        # pooling "segments" stores one vector per piece of the text, flattened in the table
+        self.pieces = description.num_segments if pooling == PIECE_POOLING else None
+        self.feature_size = self.hidden_size * (self.pieces or 1)
+        # Per-piece rows are 12-31x larger; float16 keeps them within 3e-4 of float32
+        # (benchmarks section 7), so they are stored at half the memory.
+        dtype = np.float16 if self.pieces is not None else np.float32
+        self.table = FeatureTable(description.size, self.feature_size, dtype=dtype)
         self._lock = threading.Lock()
         self._recent: list[tuple[torch.Tensor, tuple, torch.Tensor]] = []
         self._scaled: dict[int, tuple[weakref.ref, RowIndex, int]] = {}
@@ -92,7 +98,7 @@ class FrozenFeatures:
         the exact bits of their scaled form; only the rest is unscaled and quantised."""
         index = self._scaled_index(scaler, x.device)
         found, pos = index.lookup(float_bits(x.detach().cpu().numpy()))
-        out = np.empty((len(x), self.hidden_size), dtype=np.float32)
+        out = np.empty((len(x), self.feature_size), dtype=np.float32)
         out[found] = self.table.gather(pos[found])
         if not found.all():
             missing = torch.from_numpy(~found).to(x.device)
@@ -126,7 +132,7 @@ class FrozenFeatures:
         codes = self.description.quantize(observations)
         with self._lock:
             found, pos = self.table.lookup(codes)
-            out = np.empty((len(codes), self.hidden_size), dtype=np.float32)
+            out = np.empty((len(codes), self.feature_size), dtype=np.float32)
             out[found] = self.table.gather(pos[found])
             if not found.all():
                 missing = np.flatnonzero(~found)
@@ -148,15 +154,18 @@ class FrozenFeatures:
         """Run the LM on quantised rows (no cache involved). Non-finite features are an
         error, so they never reach the table or a cache file."""
         segments = self.description.segments_from_codes(codes)
-        features = self.lm(device).encode(
-            segments,
-            self.description.separator,
-            pooling=self.pooling,
-            max_length=self.max_length,
-            batch_size=batch_size,
-            show_progress=show_progress,
-        )
-        features = features.float().cpu().numpy()
+        lm = self.lm(device)
+        separator = self.description.separator
+        options = dict(max_length=self.max_length, batch_size=batch_size)
+        if self.pieces is not None:
+            features = lm.encode_pieces(segments, separator, **options, show_progress=show_progress)
+        else:
+            features = lm.encode(
+                segments, separator, pooling=self.pooling, **options, show_progress=show_progress
+            )
+        features = features.float().cpu().numpy().reshape(len(codes), self.feature_size)
+        # what is returned now must equal what the table returns later (float16 storage)
+        features = features.astype(self.table.dtype).astype(np.float32, copy=False)
         bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
         if len(bad):
             text = self.description.separator.join(segments[bad[0]])
@@ -207,7 +216,8 @@ def embed_observations(
     device: str = "cpu",
     show_progress: bool = True,
 ) -> np.ndarray:
-    """LM features (N, H) of raw observations (N, D), as the frozen encoders see them.
+    """LM features (N, H) of raw observations (N, D), as the frozen encoders see them;
+    (N, pieces, H) with ``pooling="segments"``.
 
     Results stay in the process-wide cache, so calling this on a dataset's observations before
     training precomputes the features that frozen ``LMEncoderFactory`` encoders look up.
@@ -217,7 +227,8 @@ def embed_observations(
     cache = frozen_features(
         model, load_description(description), pooling=pooling, max_length=max_length
     )
-    return cache(np.asarray(observations), device, batch_size, show_progress).copy()
+    features = cache(np.asarray(observations), device, batch_size, show_progress).copy()
+    return features if cache.pieces is None else features.reshape(len(features), cache.pieces, -1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,7 +293,7 @@ def precompute_features(
         return finished("computed", None)
     key = _cache_key(table, unique)
     path = Path(cache_dir) / key.filename()
-    cached = load_features(path, key, table.hidden_size)
+    cached = load_features(path, key, table.feature_size)
     if cached is not None:
         table.table.insert(*cached)
         return finished("disk", path)
@@ -325,16 +336,16 @@ def _compute_sharded(
     _barrier()
     key = _cache_key(table, unique)
     if rank == 0:
-        merged = np.empty((len(unique), table.hidden_size), dtype=np.float32)
+        merged = np.empty((len(unique), table.feature_size), dtype=np.float32)
         for r, shard in enumerate(shards):
-            part = load_features(shard, _cache_key(table, unique[r::world]), table.hidden_size)
+            part = load_features(shard, _cache_key(table, unique[r::world]), table.feature_size)
             if part is None:
                 raise FeatureError(f"shard {shard} of rank {r} is missing or unusable")
             merged[r::world] = part[1]
             shard.unlink()
         save_features(path, key, unique, merged, raw)
     _barrier()
-    cached = load_features(path, key, table.hidden_size)
+    cached = load_features(path, key, table.feature_size)
     if cached is None:
         raise FeatureError(f"{path}: the merged cache file is missing or unusable")
     return cached[1]

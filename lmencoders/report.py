@@ -19,9 +19,9 @@ __all__ = ["write_results"]
 
 def _method_of(result: dict) -> str:
     c = result["config"]
-    for method, (algo, encoder, tuning) in METHODS.items():
+    for method, (algo, encoder, tuning, pooling) in METHODS.items():
         if (c["algo"], c["encoder"]) == (algo, encoder) and (
-            encoder == "vector" or c["tuning"] == tuning
+            encoder == "vector" or (c["tuning"], c.get("pooling", "mean")) == (tuning, pooling)
         ):
             return method
     return f"{c['algo']}-{c['encoder']}-{c['tuning']}"

@@ -81,13 +81,20 @@ class FeatureTable:
     """Quantised observation rows -> feature rows (append-only store behind a RowIndex).
 
     Each stored row also keeps one raw float32 observation that produced it, from which the
-    exact scaled inputs that d3rlpy will feed the encoders can be recomputed.
+    exact scaled inputs that d3rlpy will feed the encoders can be recomputed. Features may be
+    stored as float16 where that is exact enough (per-piece features: see benchmarks).
     """
 
-    def __init__(self, key_width: int, feature_size: int, max_rows: int = 5_000_000) -> None:
+    def __init__(
+        self,
+        key_width: int,
+        feature_size: int,
+        max_rows: int = 5_000_000,
+        dtype: np.dtype | type = np.float32,
+    ) -> None:
         self.max_rows = max_rows
         self.index = RowIndex(key_width)
-        self._features = np.empty((0, feature_size), dtype=np.float32)
+        self._features = np.empty((0, feature_size), dtype=dtype)
         self._raw = np.empty((0, key_width), dtype=np.float32)
         self._size = 0
 
@@ -121,7 +128,17 @@ class FeatureTable:
             setattr(self, name, new)
 
     def gather(self, positions: np.ndarray) -> np.ndarray:
-        return self._features[positions]
+        """Feature rows as float32, whatever the storage type."""
+        return self._features[positions].astype(np.float32, copy=False)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._features.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the stored feature rows."""
+        return self._size * self._features.itemsize * self._features.shape[1]
 
     def raw_rows(self) -> np.ndarray:
         """One raw observation per stored row (NaN where none was given), in position order."""

@@ -24,11 +24,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Chunks:
-    """Token ids (special tokens included) of every chunk, and the text each belongs to."""
+    """Token ids (special tokens included) of every chunk, and the text each belongs to.
+
+    With pieces: for every token of every chunk, the piece (segment) it belongs to, as the
+    global index ``text * pieces_per_text + segment``, or -1 for special tokens and
+    separators."""
 
     ids: list[list[int]]
     owner: np.ndarray  # (num_chunks,) index of the text a chunk belongs to
     num_texts: int
+    pieces: list[np.ndarray] | None = None
 
 
 def _pack_segments(
@@ -37,15 +42,16 @@ def _pack_segments(
     separator: str,
     budget: int,
     max_length: int,
-) -> list[str]:
-    """Greedy packing of consecutive segments into chunk texts of at most ``budget`` tokens."""
+) -> list[tuple[int, int]]:
+    """Greedy packing of consecutive segments into chunks of at most ``budget`` tokens:
+    the (first, end) segment range of each chunk."""
     counts = [len(ids) for ids in tokenizer(list(segments), add_special_tokens=False)["input_ids"]]
     sep_count = len(
         tokenizer(separator.strip() or separator, add_special_tokens=False)["input_ids"]
     )
-    chunks: list[list[str]] = []
+    chunks: list[list[int]] = []
     used = 0
-    for segment, count in zip(segments, counts):
+    for index, (segment, count) in enumerate(zip(segments, counts)):
         if count > budget:
             raise TextTooLongError(
                 f"segment {segment[:60]!r}... has {count} tokens, more than the LM window of "
@@ -53,12 +59,25 @@ def _pack_segments(
                 f"shorten labels, or split its group in the description)"
             )
         if chunks and used + sep_count + count <= budget:
-            chunks[-1].append(segment)
+            chunks[-1][1] = index + 1
             used += sep_count + count
         else:
-            chunks.append([segment])
+            chunks.append([index, index + 1])
             used = count
-    return [separator.join(chunk) for chunk in chunks]
+    return [(first, end) for first, end in chunks]
+
+
+def _token_pieces(
+    offsets: Sequence[tuple[int, int]], segments: Sequence[str], separator: str, first: int
+) -> np.ndarray:
+    """The piece of each token of ``separator.join(segments)`` from its character offsets:
+    ``first + k`` for a token inside segment k, -1 for special tokens and separators."""
+    lengths = np.array([len(s) for s in segments], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths + len(separator))[:-1]])
+    spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    k = np.searchsorted(starts, spans[:, 0], side="right") - 1
+    inside = (spans[:, 1] > spans[:, 0]) & (k >= 0) & (spans[:, 0] < (starts + lengths)[k])
+    return np.where(inside, first + k, -1)
 
 
 def tokenize_texts(
@@ -66,27 +85,51 @@ def tokenize_texts(
     segments: Sequence[Sequence[str]],
     separator: str,
     max_length: int,
+    *,
+    with_pieces: bool = False,
 ) -> Chunks:
-    """Tokenise texts given as segments; split those longer than ``max_length`` into chunks."""
+    """Tokenise texts given as segments; split those longer than ``max_length`` into chunks.
+    With ``with_pieces``, also say which segment every token belongs to (fast tokenizers
+    give each token's character offsets)."""
     texts = [separator.join(s) for s in segments]
-    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    encoded = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=with_pieces)
     budget = max_length - tokenizer.num_special_tokens_to_add()
+    per_text = len(segments[0]) if segments else 0
     out_ids: list[list[int]] = []
     owner: list[int] = []
-    for index, token_ids in enumerate(ids):
+    pieces: list[np.ndarray] = []
+    for index, token_ids in enumerate(encoded["input_ids"]):
+        if with_pieces and len(segments[index]) != per_text:
+            raise ValueError("texts with pieces must all have the same number of segments")
         if len(token_ids) <= max_length:
             out_ids.append(token_ids)
             owner.append(index)
+            if with_pieces:
+                offsets = encoded["offset_mapping"][index]
+                pieces.append(_token_pieces(offsets, segments[index], separator, index * per_text))
             continue
-        pieces = _pack_segments(tokenizer, segments[index], separator, budget, max_length)
-        for piece_ids in tokenizer(pieces, add_special_tokens=True)["input_ids"]:
+        ranges = _pack_segments(tokenizer, segments[index], separator, budget, max_length)
+        parts = [list(segments[index][a:b]) for a, b in ranges]
+        chunked = tokenizer(
+            [separator.join(p) for p in parts],
+            add_special_tokens=True,
+            return_offsets_mapping=with_pieces,
+        )
+        for c, piece_ids in enumerate(chunked["input_ids"]):
             if len(piece_ids) > max_length:  # only possible with tokenisers that merge across
                 raise TextTooLongError(  # separators; never truncate silently
                     f"a chunk of {len(piece_ids)} tokens exceeds the window of {max_length}"
                 )
             out_ids.append(piece_ids)
             owner.append(index)
-    return Chunks(out_ids, np.asarray(owner, dtype=np.int64), len(texts))
+            if with_pieces:
+                first = index * per_text + ranges[c][0]
+                pieces.append(
+                    _token_pieces(chunked["offset_mapping"][c], parts[c], separator, first)
+                )
+    return Chunks(
+        out_ids, np.asarray(owner, dtype=np.int64), len(texts), pieces if with_pieces else None
+    )
 
 
 def length_buckets(

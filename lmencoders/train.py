@@ -19,7 +19,7 @@ from typing import Any
 import d3rlpy
 import numpy as np
 
-from .backbone import DEFAULT_MODEL, TUNING_MODES
+from .backbone import DEFAULT_MODEL, POOLING_NAMES, TUNING_MODES
 from .checks import non_negative, positive
 from .datasets import OfflineDataset, load_dataset, shipped_dataset
 from .encoders import LMEncoderFactory
@@ -67,6 +67,11 @@ class TrainConfig:
         "lm", "lm: the language-model encoder; vector: d3rlpy's MLP", choices=ENCODERS
     )
     tuning: str = option("frozen", "what the LM trains", choices=sorted(TUNING_MODES))
+    pooling: str = option(
+        "mean",
+        "how the LM's token states become features (segments: one per piece, frozen LM)",
+        choices=sorted(POOLING_NAMES),
+    )
     model: str = option(DEFAULT_MODEL, "Hugging Face name or local directory of the LM")
     description: str | None = option(
         None, "shipped description name or YAML path (default: the task's)"
@@ -91,6 +96,10 @@ class TrainConfig:
         if self.tuning not in TUNING_MODES:
             raise ConfigError(
                 f"unknown tuning {self.tuning!r}; choose one of {sorted(TUNING_MODES)}"
+            )
+        if self.pooling not in POOLING_NAMES:
+            raise ConfigError(
+                f"unknown pooling {self.pooling!r}; choose one of {sorted(POOLING_NAMES)}"
             )
         self.steps = positive(self.steps, "steps")
         self.eval_every = non_negative(self.eval_every, "eval_every")
@@ -132,7 +141,9 @@ def run_name(config: TrainConfig) -> str:
         if source.startswith("minari:")
         else Path(source).stem
     )
-    encoder = config.encoder + (f"-{config.tuning}" if config.encoder == "lm" else "")
+    encoder = config.encoder
+    if config.encoder == "lm":
+        encoder += f"-{config.tuning}" + ("" if config.pooling == "mean" else f"-{config.pooling}")
     return f"{stem}-{config.algo}-{encoder}-seed{config.seed}-{digest}"
 
 
@@ -174,7 +185,10 @@ def _algorithm(config: TrainConfig, description: str) -> tuple[Any, LMEncoderFac
     factory = None
     if config.encoder == "lm":
         factory = LMEncoderFactory(
-            description=description, model=config.model, tuning=config.tuning
+            description=description,
+            model=config.model,
+            tuning=config.tuning,
+            pooling=config.pooling,
         )
         names = [f.name for f in dataclasses.fields(cls) if f.name.endswith("encoder_factory")]
         kwargs |= {name: factory for name in names}

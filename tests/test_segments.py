@@ -1,0 +1,172 @@
+"""pooling="segments": one vector per piece of the description from one frozen LM pass, read by
+a trained attention readout (tiny BERT from a config, real MuJoCo observations)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from test_encoders import ALGORITHMS, build, checkpoint_state, fit
+
+import lmencoders
+from lmencoders import LMEncoderFactory, load_description
+from lmencoders.backbone import language_model
+from lmencoders.tokens import _pack_segments
+
+
+def factory_for(tiny_lm: str, **kwargs) -> LMEncoderFactory:
+    import d3rlpy
+
+    settings = dict(
+        description="hopper",
+        model=tiny_lm,
+        pooling="segments",
+        hidden_units=[32, 32],
+        observation_scaler=d3rlpy.preprocessing.StandardObservationScaler(),
+    )
+    return LMEncoderFactory(**(settings | kwargs))
+
+
+def plain_piece_means(path: str, segments: list[str], separator: str) -> torch.Tensor:
+    """Plain Hugging Face: one forward over the text; each segment's token span found by
+    tokenising the text before it (no offsets), its hidden states averaged."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    text = separator.join(segments)
+    batch = tokenizer([text], return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state[0]
+    means = []
+    for k, segment in enumerate(segments):
+        before = separator.join(segments[:k]) + (separator if k else "")
+        start = 1 + len(tokenizer(before, add_special_tokens=False)["input_ids"])  # after [CLS]
+        count = len(tokenizer(segment, add_special_tokens=False)["input_ids"])
+        means.append(hidden[start : start + count].mean(0))
+    return torch.stack(means)
+
+
+def expected_pieces(path: str, pieces: list[str], separator: str) -> torch.Tensor:
+    """Plain piece means of each chunk the text is cut into (one chunk if it fits)."""
+    lm = language_model(path)
+    budget = lm.window - lm.tokenizer.num_special_tokens_to_add()
+    ranges = _pack_segments(lm.tokenizer, pieces, separator, budget, lm.window)
+    if len(lm.tokenizer(separator.join(pieces))["input_ids"]) <= lm.window:
+        ranges = [(0, len(pieces))]
+    return torch.cat([plain_piece_means(path, pieces[a:b], separator) for a, b in ranges])
+
+
+def test_piece_vectors_equal_a_plain_forward_over_the_pieces_tokens(tiny_lm, hopper_dataset):
+    description = load_description(
+        {
+            "name": "short",
+            "dimensions": [{"label": "thigh angle", "unit": "rad"}, {"label": "foot"}],
+        }
+    )
+    obs = hopper_dataset.episodes[0].observations[:6, :2]
+    segments = description.format_segments(obs)
+    ours = language_model(tiny_lm).encode_pieces(segments, description.separator, batch_size=4)
+    assert ours.shape == (6, 2, 32)
+    for row, pieces in enumerate(segments):
+        expected = plain_piece_means(tiny_lm, pieces, description.separator)
+        assert torch.allclose(ours[row], expected, atol=1e-4)
+    hopper = load_description("hopper")  # 12 pieces, cut into chunks by the tiny window
+    segments = hopper.format_segments(hopper_dataset.episodes[0].observations[:4])
+    ours = language_model(tiny_lm).encode_pieces(segments, hopper.separator)
+    for row, pieces in enumerate(segments):
+        assert torch.allclose(ours[row], expected_pieces(tiny_lm, pieces, ", "), atol=1e-4)
+
+
+def test_chunked_long_texts_give_each_piece_its_chunks_states(tiny_lm):
+    """FinRL-like groups in a window of 64 tokens: the text is cut between groups, and every
+    piece is the mean of its tokens in the forward pass of its own chunk."""
+    description = load_description(
+        {
+            "name": "groups",
+            "dimensions": [{"label": f"d{i}"} for i in range(12)],
+            "groups": {
+                "items": [{"label": f"g{g}", "dimensions": [g, g + 4, g + 8]} for g in range(4)]
+            },
+        }
+    )
+    obs = np.random.default_rng(0).standard_normal((3, 12)) * 100
+    segments = description.format_segments(obs)
+    lm = language_model(tiny_lm)
+    ours = lm.encode_pieces(segments, description.separator)
+    for row, pieces in enumerate(segments):
+        assert len(lm.tokenizer(description.separator.join(pieces))["input_ids"]) > lm.window
+        expected = expected_pieces(tiny_lm, pieces, description.separator)
+        assert torch.allclose(ours[row], expected, atol=1e-4)
+
+
+def test_embed_observations_gives_one_vector_per_piece(tiny_lm, hopper_dataset):
+    obs = hopper_dataset.episodes[0].observations[:5]
+    features = lmencoders.embed_observations(
+        obs, "hopper", model=tiny_lm, pooling="segments", show_progress=False
+    )
+    assert features.shape == (5, 12, 32)
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_every_algorithm_trains_with_the_piece_readout(name, tiny_lm, hopper_dataset):
+    algo = build(ALGORITHMS[name], factory_for(tiny_lm))
+    fit(algo, hopper_dataset, steps=3)
+    actions = algo.predict(hopper_dataset.episodes[0].observations[:4])
+    assert actions.shape == (4, 3) and np.isfinite(actions).all()
+
+
+def test_frozen_invariants_hold_and_the_readout_trains(tiny_lm, hopper_dataset, tmp_path):
+    lm = language_model(tiny_lm)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    algo = build(ALGORITHMS["td3+bc"], factory_for(tiny_lm))
+    algo.build_with_dataset(hopper_dataset)
+    readout = algo.impl.modules.policy._encoder.features.readout
+    initial = {k: v.detach().clone() for k, v in readout.state_dict().items()}
+    fit(algo, hopper_dataset, steps=10)
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    assert any(not torch.equal(initial[k], v) for k, v in readout.state_dict().items())
+    state = checkpoint_state(algo)
+    assert not [k for k in state if "lm_parameters." in k]  # no LM tensor in the checkpoint
+    assert [k for k in state if "readout.queries" in k]
+    lmencoders.save_model(algo, tmp_path / "model")
+    loaded = lmencoders.load_model(tmp_path / "model")
+    obs = np.concatenate([hopper_dataset.episodes[0].observations[:8], np.full((2, 12), 0.3)])
+    assert np.array_equal(algo.predict(obs), loaded.predict(obs))
+
+
+def test_segments_pooling_needs_a_frozen_lm(tiny_lm):
+    with pytest.raises(ValueError, match="needs tuning='frozen'"):
+        factory_for(tiny_lm, tuning="ln_embed")
+
+
+def test_decision_transformer_reads_through_the_frozen_table(tiny_lm, hopper_dataset):
+    """DT flattens context windows into the encoder batch and pads with zero observations:
+    the table serves them, and padding enters it only as the zero observation's own text."""
+    import d3rlpy
+
+    from lmencoders.features import frozen_features
+
+    for pooling in ("mean", "segments"):
+        factory = factory_for(tiny_lm, pooling=pooling, observation_scaler=None)
+        factory.precompute(hopper_dataset, cache_dir=False, show_progress=False)
+        table = frozen_features(tiny_lm, factory.load_description(), pooling=pooling)
+        dt = d3rlpy.algos.DecisionTransformerConfig(
+            encoder_factory=factory, context_size=5, batch_size=4
+        ).create()
+        dt.fit(
+            hopper_dataset,
+            n_steps=3,
+            n_steps_per_epoch=3,
+            show_progress=False,
+            save_interval=10**6,
+            logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
+        )
+        zero = np.zeros((1, 12))
+        found, position = table.table.lookup(factory.load_description().quantize(zero))
+        expected = lmencoders.embed_observations(
+            zero, "hopper", model=tiny_lm, pooling=pooling, show_progress=False
+        ).reshape(1, -1)
+        assert found[0] and np.allclose(table.table.gather(position)[0], expected[0], atol=1e-6)
+        actor = dt.as_stateful_wrapper(target_return=100.0)
+        action = actor.predict(hopper_dataset.episodes[0].observations[0], 0.0)
+        assert np.isfinite(action).all()
