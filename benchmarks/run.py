@@ -589,7 +589,9 @@ def piece_features(dataset, quick: bool) -> str:
     finrl = finrl_observations(16 if quick else 64)
     for task, data in [("hopper", obs[: 64 if quick else 512]), ("finrl", finrl)]:
         mean = lmencoders.embed_observations(data, task, show_progress=False)
-        pieces = lmencoders.embed_observations(data, task, pooling="segments", show_progress=False)
+        description = lmencoders.load_description(task)
+        segments = description.format_segments(data)  # float32 forward, before table storage
+        pieces = language_model().encode_pieces(segments, description.separator).numpy()
         half = pieces.astype(np.float16).astype(np.float32)
         memory.append(
             [
@@ -597,7 +599,7 @@ def piece_features(dataset, quick: bool) -> str:
                 pieces.shape[1],
                 f"{mean[0].nbytes / 1024:.1f}",
                 f"{pieces[0].nbytes / 1024:.1f}",
-                f"{pieces[0].nbytes / 2 / 1024:.1f}",
+                f"{pieces[0].nbytes / 2 / 1024:.1f} (stored)",
                 f"{float(np.abs(half - pieces).max()):.1e}",
                 f"{float(np.abs(pieces).max()):.1f}",
             ]

@@ -182,6 +182,15 @@ POOLINGS: dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, t
 PIECE_POOLING = "segments"
 POOLING_NAMES = (*POOLINGS, PIECE_POOLING)
 
+# Opt-in lower precision for the LM's forward (autocast): features are returned as float32.
+PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
+    return precision
+
 
 # --------------------------------------------------------------------------- the model
 
@@ -327,13 +336,16 @@ class LanguageModel:
         input_ids: torch.Tensor,
         mask: torch.Tensor,
         parameters: dict[str, torch.Tensor] | None,
+        precision: str = "float32",
     ) -> torch.Tensor:
         inputs = {"input_ids": input_ids, "attention_mask": mask}
-        if parameters:
-            out = torch.func.functional_call(self.model, parameters, args=(), kwargs=inputs)
-        else:
-            out = self.model(**inputs)
-        return out.last_hidden_state
+        dtype = PRECISIONS[check_precision(precision)]
+        with torch.autocast(input_ids.device.type, dtype=dtype, enabled=dtype is not None):
+            if parameters:
+                out = torch.func.functional_call(self.model, parameters, args=(), kwargs=inputs)
+            else:
+                out = self.model(**inputs)
+        return out.last_hidden_state.float()
 
     def encode(
         self,
@@ -346,6 +358,7 @@ class LanguageModel:
         parameters: dict[str, torch.Tensor] | None = None,
         show_progress: bool = False,
         vocabulary: np.ndarray | None = None,
+        precision: str = "float32",
     ) -> torch.Tensor:
         """Features (N, H) of N texts given as segments, on this model's device.
 
@@ -363,7 +376,7 @@ class LanguageModel:
         needs_grad = bool(parameters) and torch.is_grad_enabled()
         with torch.set_grad_enabled(needs_grad) if needs_grad else torch.inference_mode():
             pooled, weights = self._pooled_chunks(
-                chunks.ids, POOLINGS[pooling], batch_size, parameters, show_progress
+                chunks.ids, POOLINGS[pooling], batch_size, parameters, show_progress, precision
             )
             merged = _merge_chunks(chunks, pooled, weights)
         return merged[torch.as_tensor(inverse, device=self.device)]
@@ -375,6 +388,7 @@ class LanguageModel:
         batch_size: int,
         parameters: dict[str, torch.Tensor] | None,
         show_progress: bool,
+        precision: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One pooled vector and merge weight per chunk, in ``ids`` order (batches run sorted
         by length, each padded to its own longest)."""
@@ -383,7 +397,7 @@ class LanguageModel:
         parts = []
         bar = tqdm(total=len(ids), desc="LM forward", unit="chunk", disable=not show_progress)
         for positions, input_ids, mask in length_buckets(ids, batch_size, pad_id):
-            hidden = self._hidden(input_ids.to(device), mask.to(device), parameters)
+            hidden = self._hidden(input_ids.to(device), mask.to(device), parameters, precision)
             vectors, w = pool(hidden, mask.to(device))
             parts.append((torch.as_tensor(positions, device=device), vectors, w))
             bar.update(len(positions))
@@ -408,6 +422,7 @@ class LanguageModel:
         max_length: int | None = None,
         batch_size: int | None = None,
         show_progress: bool = False,
+        precision: str = "float32",
     ) -> torch.Tensor:
         """Features (N, P, H) of N texts of P segments each: for every segment, the mean of its
         own tokens' contextual states (separators and special tokens excluded), from one
@@ -428,7 +443,7 @@ class LanguageModel:
         )
         with torch.inference_mode():
             for positions, input_ids, mask in length_buckets(chunks.ids, batch_size, pad_id):
-                hidden = self._hidden(input_ids.to(device), mask.to(device), None)
+                hidden = self._hidden(input_ids.to(device), mask.to(device), None, precision)
                 piece = torch.full(input_ids.shape, -1, dtype=torch.long)
                 for row, pos in enumerate(positions.tolist()):
                     piece[row, : len(chunks.pieces[pos])] = torch.from_numpy(chunks.pieces[pos])
@@ -440,6 +455,56 @@ class LanguageModel:
         bar.close()
         features = (sums / counts.clamp(min=1).unsqueeze(-1)).view(len(distinct), per_text, -1)
         return features[torch.as_tensor(inverse, device=device)]
+
+    def piece_attribution(
+        self,
+        segments: Sequence[Sequence[str]],
+        separator: str,
+        score: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        pooling: str = "mean",
+        max_length: int | None = None,
+        parameters: dict[str, torch.Tensor] | None = None,
+    ) -> np.ndarray:
+        """Gradient x input per piece of each text (N, P): how much each piece's input token
+        embeddings move ``score(features)`` (one number per text), as |grad . embedding|
+        summed over the piece's tokens, each row normalised to sum to 1."""
+        window = min(optional_positive(max_length, "max_length") or self.window, self.window)
+        chunks = tokenize_texts(self.tokenizer, segments, separator, window, with_pieces=True)
+        assert chunks.pieces is not None
+        per_text = len(segments[0])
+        device = self.device
+        captured: list[torch.Tensor] = []
+
+        def keep_embeddings(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            output = output.detach().requires_grad_(True)
+            captured.append(output)
+            return output
+
+        hook = self.model.get_input_embeddings().register_forward_hook(keep_embeddings)
+        try:
+            with torch.enable_grad():
+                pad_id = self.tokenizer.pad_token_id or 0
+                width = max(len(ids) for ids in chunks.ids)
+                input_ids = torch.full((len(chunks.ids), width), pad_id, dtype=torch.long)
+                mask = torch.zeros_like(input_ids)
+                for row, ids in enumerate(chunks.ids):
+                    input_ids[row, : len(ids)] = torch.as_tensor(ids)
+                    mask[row, : len(ids)] = 1
+                hidden = self._hidden(input_ids.to(device), mask.to(device), parameters)
+                pooled, weights = POOLINGS[pooling](hidden, mask.to(device))
+                features = _merge_chunks(chunks, pooled, weights)
+                score(features).sum().backward()
+        finally:
+            hook.remove()
+        embeddings = captured[0]
+        per_token = (embeddings.grad * embeddings).sum(-1).abs().detach().cpu().numpy()
+        out = np.zeros(len(segments) * per_text)
+        for row, pieces in enumerate(chunks.pieces):
+            kept = pieces >= 0
+            np.add.at(out, pieces[kept], per_token[row, : len(pieces)][kept])
+        out = out.reshape(len(segments), per_text)
+        return out / np.maximum(out.sum(axis=1, keepdims=True), 1e-12)
 
     def _check_vocabulary(self, ids: Sequence[Sequence[int]], vocabulary: np.ndarray) -> None:
         flat = np.fromiter((i for chunk in ids for i in chunk), dtype=np.int64)

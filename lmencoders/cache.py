@@ -46,12 +46,15 @@ class CacheKey:
     pooling: str
     max_length: int | None
     data_sha256: str
+    precision: str = "float32"
 
     def filename(self) -> str:
         window = self.max_length or "auto"
         return (
             f"features-lm{self.lm_sha256[:12]}-desc{self.description_sha256[:12]}-"
-            f"{self.pooling}-{window}-data{self.data_sha256[:16]}.npz"
+            f"{self.pooling}-{window}-data{self.data_sha256[:16]}"
+            + ("" if self.precision == "float32" else f"-{self.precision}")
+            + ".npz"
         )
 
 

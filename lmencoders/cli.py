@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .backbone import ALLOW_DOWNLOAD, DEFAULT_MODEL, POOLING_NAMES
+from .backbone import ALLOW_DOWNLOAD, DEFAULT_MODEL, POOLING_NAMES, PRECISIONS
 from .checks import optional_positive, positive
 from .options import add_options, from_args, option
 
@@ -36,6 +36,9 @@ class PrecomputeConfig:
     device: str = option("cpu", "torch device")
     cache_dir: str | None = option(
         None, "feature cache folder (default: $LMENCODERS_CACHE or ~/.cache/lmencoders)"
+    )
+    precision: str = option(
+        "float32", "the LM's forward: float32, or bfloat16 autocast (GPUs)", choices=PRECISIONS
     )
 
     def __post_init__(self) -> None:
@@ -78,6 +81,20 @@ class EvaluateConfig:
 
 
 @dataclasses.dataclass
+class ExplainConfig:
+    model_file: str = option(
+        help="a run folder, or its model.pt / model.json", positional=True, metavar="MODEL"
+    )
+    dataset: str = option(help="observations to average over (NeoRL .npz, .h5, minari:<id>)")
+    rows: int = option(64, "observations drawn from the dataset")
+    out: str | None = option(None, "PNG to write (default: explain.png in the run folder)")
+    seed: int = option(0, "which observations are drawn")
+
+    def __post_init__(self) -> None:
+        self.rows = positive(self.rows, "rows")
+
+
+@dataclasses.dataclass
 class ReportConfig:
     out: str = option("experiments", "the experiment folder")
     results: str = option("RESULTS.md", "Markdown file to write")
@@ -110,6 +127,7 @@ def _precompute(args: argparse.Namespace) -> int:
         batch_size=config.batch_size,
         device=config.device,
         cache_dir=config.cache_dir or default_cache_dir(),
+        precision=config.precision,
     )
     if torch.distributed.is_initialized():
         rank = torch.distributed.get_rank()
@@ -227,6 +245,20 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from .explain import draw, explain, format_table
+
+    config = from_args(ExplainConfig, args)
+    explanation = explain(config.model_file, config.dataset, rows=config.rows, seed=config.seed)
+    path = Path(config.model_file)
+    folder = path if path.is_dir() else path.parent
+    png = draw(explanation, config.out or folder / "explain.png")
+    print(f"{explanation.run}: {explanation.method}, {explanation.observations} observations")
+    print(format_table(explanation))
+    print(f"picture: {png}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from .report import write_results
 
@@ -309,6 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
         "run the paper's grid (datasets x methods x seeds), resumable",
         "Runs every (dataset, method, seed) whose result is missing; finished runs are "
         "skipped, so the grid can be done in parts (--time-budget).",
+    )
+    command(
+        "explain",
+        ExplainConfig,
+        _explain,
+        "which pieces of the text the policy reads: a table and a PNG",
+        "Weights per piece of the description (dimension label or group) for actor and "
+        "critic, averaged over dataset observations: the readout's attention for "
+        "pooling=segments, gradient x input for mean/CLS pooling.",
     )
     command(
         "report",

@@ -16,10 +16,11 @@ The only module that knows d3rlpy. Invariants (each has a test):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +43,7 @@ from .backbone import (
     TUNING_MODES,
     LanguageModel,
     TuningMode,
+    check_precision,
     language_model,
     make_tuning,
 )
@@ -79,9 +81,11 @@ class TextFeatures(nn.Module):
         batch_size: int | None,
         observation_scaler: ObservationScaler | None,
         readout_queries: int = 4,
-        readout_dim: int = 32,
+        readout_dim: int = 16,
+        precision: str = "float32",
     ) -> None:
         super().__init__()
+        self.precision = precision
         self.model_name = model
         self.description = description
         self.tuning = tuning
@@ -107,9 +111,12 @@ class TextFeatures(nn.Module):
         self._frozen = (
             None
             if tuning.trains_lm
-            else frozen_features(model, description, pooling=pooling, max_length=max_length)
+            else frozen_features(
+                model, description, pooling=pooling, max_length=max_length, precision=precision
+            )
         )
         self._memo: tuple[torch.Tensor, tuple, torch.Tensor] | None = None
+        self._substitute: torch.Tensor | None = None
         # pooling "segments": the table holds one vector per piece; a trained readout reads them
         self.readout: PieceReadout | None = None
         if self._frozen is not None and self._frozen.pieces is not None:
@@ -142,6 +149,8 @@ class TextFeatures(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._substitute is not None:
+            return self._substitute
         if self._frozen is not None:
             features = self.lm_features(x)
             return features if self.readout is None else self.readout(features)
@@ -164,8 +173,12 @@ class TextFeatures(nn.Module):
     def _forget(self, grad: torch.Tensor) -> None:
         self._memo = None
 
-    def _tuned_features(self, x: torch.Tensor) -> torch.Tensor:
-        lm = language_model(self.model_name, self.tuning, x.device)
+    def lm_and_parameters(
+        self, device: torch.device
+    ) -> tuple[LanguageModel, dict[str, torch.Tensor], np.ndarray | None]:
+        """The shared body, this encoder's trained LM tensors by name, and (ln_embed) the
+        embedding rows they cover."""
+        lm = language_model(self.model_name, self.tuning, device)
         parameters = {_unmangle(k): v for k, v in self.lm_parameters.items()}
         vocabulary = None
         if self._embedding_name is not None:
@@ -175,6 +188,20 @@ class TextFeatures(nn.Module):
                 0, rows, parameters[self._embedding_name]
             )
             vocabulary = rows.cpu().numpy()
+        return lm, parameters, vocabulary
+
+    @contextlib.contextmanager
+    def substituted(self, features: torch.Tensor) -> Iterator[None]:
+        """Make :meth:`forward` return ``features`` (e.g. with a graph back to the input
+        tokens, for attribution) while the block runs."""
+        self._substitute = features
+        try:
+            yield
+        finally:
+            self._substitute = None
+
+    def _tuned_features(self, x: torch.Tensor) -> torch.Tensor:
+        lm, parameters, vocabulary = self.lm_and_parameters(x.device)
         raw = self.raw_observations(x).detach().cpu().numpy()
         return lm.encode(
             self.description.format_segments(raw),
@@ -184,6 +211,7 @@ class TextFeatures(nn.Module):
             batch_size=self.batch_size,
             parameters=parameters,
             vocabulary=vocabulary,
+            precision=self.precision,
         )
 
     def _load_from_state_dict(
@@ -276,6 +304,8 @@ class LMEncoderFactory(EncoderFactory):
             there), 256 on GPU.
         lora_rank, lora_alpha, lora_target_modules: LoRA settings (``tuning="lora"``).
         readout_queries, readout_dim: size of the readout over pieces (``pooling="segments"``).
+        precision: ``"float32"`` or ``"bfloat16"``: the LM's forward under autocast (opt-in,
+            for GPUs; features stay float32, within ~1e-2 of the float32 forward).
         observation_scaler: ``None`` (default) uses the algorithm's observation scaler, found
             when d3rlpy builds the encoders, so the LM reads raw values; a scaler given here
             must be the algorithm's (the same object), or building the encoders fails.
@@ -294,7 +324,8 @@ class LMEncoderFactory(EncoderFactory):
     lora_alpha: int = 16
     lora_target_modules: list[str] | None = None
     readout_queries: int = 4
-    readout_dim: int = 32
+    readout_dim: int = 16
+    precision: str = "float32"
     observation_scaler: ObservationScaler | None = make_observation_scaler_field()
 
     def __post_init__(self) -> None:
@@ -309,6 +340,7 @@ class LMEncoderFactory(EncoderFactory):
                 f"pooling {PIECE_POOLING!r} reads the pieces of one frozen LM pass; it needs "
                 f"tuning='frozen', not {self.tuning!r}"
             )
+        check_precision(self.precision)
         self.readout_queries = positive(self.readout_queries, "readout_queries")
         self.readout_dim = positive(self.readout_dim, "readout_dim")
         if self.tuning not in TUNING_MODES:
@@ -351,6 +383,7 @@ class LMEncoderFactory(EncoderFactory):
             observation_scaler=self.scaler_for(_algorithm_being_built()),
             readout_queries=self.readout_queries,
             readout_dim=self.readout_dim,
+            precision=self.precision,
         )
 
     def scaler_for(self, algo: LearnableBase | None) -> ObservationScaler | None:
@@ -437,6 +470,7 @@ class LMEncoderFactory(EncoderFactory):
             device=device,
             cache_dir=None if cache_dir is False else (cache_dir or default_cache_dir()),
             show_progress=show_progress,
+            precision=self.precision,
         )
 
 

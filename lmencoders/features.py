@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .backbone import DEFAULT_MODEL, PIECE_POOLING, Frozen, LanguageModel, language_model
+from .backbone import (
+    DEFAULT_MODEL,
+    PIECE_POOLING,
+    Frozen,
+    LanguageModel,
+    check_precision,
+    language_model,
+)
 from .cache import CacheKey, dataset_sha256, load_features, save_features
 from .checks import optional_positive
 from .description import StateDescription, load_description
@@ -42,12 +49,19 @@ class FrozenFeatures:
     """Cached features of one (frozen LM, description, pooling, window) combination."""
 
     def __init__(
-        self, model: str, description: StateDescription, *, pooling: str, max_length: int | None
+        self,
+        model: str,
+        description: StateDescription,
+        *,
+        pooling: str,
+        max_length: int | None,
+        precision: str = "float32",
     ) -> None:
         self.model = model
         self.description = description
         self.pooling = pooling
         self.max_length = max_length
+        self.precision = precision
         self.hidden_size = language_model(model).hidden_size
         # pooling "segments" stores one vector per piece of the text, flattened in the table
         self.pieces = description.num_segments if pooling == PIECE_POOLING else None
@@ -156,7 +170,7 @@ class FrozenFeatures:
         segments = self.description.segments_from_codes(codes)
         lm = self.lm(device)
         separator = self.description.separator
-        options = dict(max_length=self.max_length, batch_size=batch_size)
+        options = dict(max_length=self.max_length, batch_size=batch_size, precision=self.precision)
         if self.pieces is not None:
             features = lm.encode_pieces(segments, separator, **options, show_progress=show_progress)
         else:
@@ -176,7 +190,7 @@ class FrozenFeatures:
         return features
 
 
-_REGISTRY: dict[tuple[str, str, str, int | None], FrozenFeatures] = {}
+_REGISTRY: dict[tuple[str, str, str, int | None, str], FrozenFeatures] = {}
 _REGISTRY_LOCK = threading.Lock()
 
 
@@ -186,15 +200,16 @@ def frozen_features(
     *,
     pooling: str = "mean",
     max_length: int | None = None,
+    precision: str = "float32",
 ) -> FrozenFeatures:
     """The process-wide cache for this combination, shared by every encoder that uses it."""
     lm = language_model(model)
-    key = (lm.weights_sha256, description.fingerprint, pooling, max_length)
+    key = (lm.weights_sha256, description.fingerprint, pooling, max_length, precision)
     with _REGISTRY_LOCK:
         if key not in _REGISTRY:
             # the resolved folder, not the name: a Hub id may resolve differently later
             _REGISTRY[key] = FrozenFeatures(
-                lm.path, description, pooling=pooling, max_length=max_length
+                lm.path, description, pooling=pooling, max_length=max_length, precision=precision
             )
         return _REGISTRY[key]
 
@@ -215,6 +230,7 @@ def embed_observations(
     max_length: int | None = None,
     device: str = "cpu",
     show_progress: bool = True,
+    precision: str = "float32",
 ) -> np.ndarray:
     """LM features (N, H) of raw observations (N, D), as the frozen encoders see them;
     (N, pieces, H) with ``pooling="segments"``.
@@ -225,7 +241,11 @@ def embed_observations(
     batch_size = optional_positive(batch_size, "batch_size")
     max_length = optional_positive(max_length, "max_length")
     cache = frozen_features(
-        model, load_description(description), pooling=pooling, max_length=max_length
+        model,
+        load_description(description),
+        pooling=pooling,
+        max_length=max_length,
+        precision=check_precision(precision),
     )
     features = cache(np.asarray(observations), device, batch_size, show_progress).copy()
     return features if cache.pieces is None else features.reshape(len(features), cache.pieces, -1)
@@ -263,6 +283,7 @@ def precompute_features(
     device: torch.device | str = "cpu",
     cache_dir: str | Path | None = None,
     show_progress: bool = True,
+    precision: str = "float32",
 ) -> PrecomputeReport:
     """Fill the in-memory table with the features of every distinct observation.
 
@@ -275,7 +296,13 @@ def precompute_features(
     batch_size = optional_positive(batch_size, "batch_size")
     max_length = optional_positive(max_length, "max_length")
     description = load_description(description)
-    table = frozen_features(model, description, pooling=pooling, max_length=max_length)
+    table = frozen_features(
+        model,
+        description,
+        pooling=pooling,
+        max_length=max_length,
+        precision=check_precision(precision),
+    )
     observations = np.asarray(observations)
     codes = description.quantize(observations)
     unique, first = np.unique(codes, axis=0, return_index=True)
@@ -313,6 +340,7 @@ def _cache_key(table: FrozenFeatures, unique_codes: np.ndarray) -> CacheKey:
         table.pooling,
         table.max_length,
         dataset_sha256(unique_codes),
+        table.precision,
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import d3rlpy
 import numpy as np
 
-from .backbone import DEFAULT_MODEL, POOLING_NAMES, TUNING_MODES
+from .backbone import DEFAULT_MODEL, POOLING_NAMES, PRECISIONS, TUNING_MODES, check_precision
 from .checks import non_negative, positive
 from .datasets import OfflineDataset, load_dataset, shipped_dataset
 from .encoders import LMEncoderFactory
@@ -76,6 +76,9 @@ class TrainConfig:
     description: str | None = option(
         None, "shipped description name or YAML path (default: the task's)"
     )
+    precision: str = option(
+        "float32", "the LM's forward: float32, or bfloat16 autocast (GPUs)", choices=PRECISIONS
+    )
     env: str | None = option(None, "evaluation environment (default: the one the data names)")
     steps: int = option(5_000, "gradient steps")
     eval_every: int = option(0, "steps between evaluations; 0: evaluate at the end only")
@@ -97,6 +100,7 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown tuning {self.tuning!r}; choose one of {sorted(TUNING_MODES)}"
             )
+        check_precision(self.precision)
         if self.pooling not in POOLING_NAMES:
             raise ConfigError(
                 f"unknown pooling {self.pooling!r}; choose one of {sorted(POOLING_NAMES)}"
@@ -189,6 +193,7 @@ def _algorithm(config: TrainConfig, description: str) -> tuple[Any, LMEncoderFac
             model=config.model,
             tuning=config.tuning,
             pooling=config.pooling,
+            precision=config.precision,
         )
         names = [f.name for f in dataclasses.fields(cls) if f.name.endswith("encoder_factory")]
         kwargs |= {name: factory for name in names}

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import lmencoders
 from lmencoders import table as table_module
@@ -112,3 +113,55 @@ def test_a_new_scaler_never_reuses_the_index_of_a_deleted_one(tiny_lm):
         assert np.allclose(got.numpy(), expected, atol=1e-6)
         del scaler
         gc.collect()
+
+
+def test_bfloat16_autocast_is_opt_in_close_and_cached_apart(tiny_lm, tmp_path, hopper_dataset):
+    from lmencoders.features import precompute_features
+
+    obs = hopper_dataset.episodes[0].observations[:16]
+    full = lmencoders.embed_observations(obs, "hopper", model=tiny_lm, show_progress=False)
+    half = lmencoders.embed_observations(
+        obs, "hopper", model=tiny_lm, precision="bfloat16", show_progress=False
+    )
+    assert half.dtype == np.float32 and np.isfinite(half).all()
+    assert not np.array_equal(full, half)  # really ran in bfloat16
+    assert np.abs(full - half).max() < 5e-2
+    a = precompute_features(obs, "hopper", model=tiny_lm, cache_dir=tmp_path, show_progress=False)
+    b = precompute_features(
+        obs, "hopper", model=tiny_lm, cache_dir=tmp_path, show_progress=False, precision="bfloat16"
+    )
+    assert a.path != b.path and "bfloat16" in b.path.name
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        lmencoders.LMEncoderFactory(description="hopper", model=tiny_lm, precision="fp8")
+
+
+def test_tuned_lm_trains_under_bfloat16_autocast(tiny_lm, hopper_dataset):
+    import d3rlpy
+
+    factory = lmencoders.LMEncoderFactory(
+        description="hopper",
+        model=tiny_lm,
+        tuning="ln_embed",
+        precision="bfloat16",
+        hidden_units=[16],
+    )
+    algo = d3rlpy.algos.TD3PlusBCConfig(
+        actor_encoder_factory=factory,
+        critic_encoder_factory=factory,
+        batch_size=8,
+        observation_scaler=d3rlpy.preprocessing.StandardObservationScaler(),
+    ).create()
+    algo.fit(
+        hopper_dataset,
+        n_steps=2,
+        n_steps_per_epoch=2,
+        show_progress=False,
+        logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
+    )
+    assert np.isfinite(algo.predict(hopper_dataset.episodes[0].observations[:3])).all()
+
+
+def test_the_default_lm_runs_scaled_dot_product_attention():
+    from lmencoders.backbone import language_model
+
+    assert language_model().model.config._attn_implementation == "sdpa"

@@ -170,3 +170,69 @@ def test_decision_transformer_reads_through_the_frozen_table(tiny_lm, hopper_dat
         actor = dt.as_stateful_wrapper(target_return=100.0)
         action = actor.predict(hopper_dataset.episodes[0].observations[0], 0.0)
         assert np.isfinite(action).all()
+
+
+@pytest.mark.parametrize(
+    "pooling, method", [("segments", "readout attention"), ("mean", "gradient x input")]
+)
+def test_explain_draws_the_weight_of_every_piece(pooling, method, tiny_lm, tmp_path, capsys):
+    from conftest import neorl_arrays
+
+    from lmencoders.cli import main
+    from lmencoders.explain import explain
+    from lmencoders.train import TrainConfig, train
+
+    data = tmp_path / "Hopper-v5-low-3-train.npz"
+    np.savez(data, **neorl_arrays(3, steps=15))
+    result = train(
+        TrainConfig(
+            dataset=str(data),
+            model=tiny_lm,
+            pooling=pooling,
+            steps=4,
+            batch_size=8,
+            eval_episodes=1,
+            out_dir=str(tmp_path / "runs"),
+            tensorboard=False,
+        )
+    )
+    run = tmp_path / "runs" / result["run"]
+    explanation = explain(run, data, rows=8)
+    assert explanation.method == method and explanation.labels[0] == "x position"
+    for part in ("actor", "critic"):
+        weights = explanation.weights[part]
+        assert weights.shape == (12,) and np.all(weights >= 0)
+        assert weights.sum() == pytest.approx(1.0, abs=1e-5)
+    assert main(["explain", str(run), "--dataset", str(data), "--rows", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "| piece | actor | critic |" in printed and "thigh angle" in printed
+    assert (run / "explain.png").stat().st_size > 5_000
+
+
+def test_gradient_attribution_equals_a_direct_computation(tiny_lm):
+    """|grad . embedding| per token of a plain Hugging Face forward (inputs_embeds), summed
+    over each piece's tokens (spans from prefix tokenisation), normalised."""
+    description = load_description(
+        {"name": "two", "dimensions": [{"label": "angle", "unit": "rad"}, {"label": "velocity"}]}
+    )
+    segments = description.format_segments(np.array([[0.5, 1.5], [0.25, -2.0]]))
+    weights = language_model(tiny_lm).piece_attribution(
+        segments, description.separator, lambda features: features[:, 0] * features[:, 1]
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_lm)
+    model = transformers.AutoModel.from_pretrained(tiny_lm).eval()
+    for row, pieces in enumerate(segments):
+        batch = tokenizer([description.separator.join(pieces)], return_tensors="pt")
+        embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+        hidden = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
+        pooled = hidden.last_hidden_state.mean(dim=1)
+        (pooled[:, 0] * pooled[:, 1]).sum().backward()
+        per_token = (embeds.grad * embeds).sum(-1).abs()[0]
+        expected = []
+        for k, piece in enumerate(pieces):
+            before = description.separator.join(pieces[:k]) + (description.separator if k else "")
+            start = 1 + len(tokenizer(before, add_special_tokens=False)["input_ids"])
+            count = len(tokenizer(piece, add_special_tokens=False)["input_ids"])
+            expected.append(float(per_token[start : start + count].sum()))
+        expected = np.array(expected) / sum(expected)
+        assert np.allclose(weights[row], expected, atol=1e-5)
