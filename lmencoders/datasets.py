@@ -20,6 +20,7 @@ import importlib
 import json
 import re
 import zipfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -240,31 +241,26 @@ def load_neorl(
     return train, val
 
 
-def to_mdp_dataset(data: NeoRLData) -> MDPDataset:
-    """A d3rlpy MDPDataset with NeoRL's trajectories: a trajectory ending in ``done`` is
-    terminal; any other ends by time-out, and its last ``next_obs`` is kept as a final
-    observation so that no transition is lost."""
+def _mdp_from_episodes(
+    episodes: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, bool]],
+) -> MDPDataset:
+    """A d3rlpy MDPDataset from episodes given as (observations T+1, actions T, rewards T,
+    terminated). A terminated episode ends terminal (its final observation is d3rlpy's zero
+    next observation); any other ends by time-out and keeps its final observation, with a
+    never-used zero action and reward, so that no transition is lost."""
     import d3rlpy
 
     obs, actions, rewards, terminals, timeouts = [], [], [], [], []
-    for start, end in data.trajectory_bounds():
-        done = bool(data.done[end - 1])
-        if data.done[start : end - 1].any():
-            raise DatasetFileError(f"{data.source}: 'done' inside trajectory at {start}..{end}")
-        obs.append(data.obs[start:end])
-        actions.append(data.action[start:end])
-        rewards.append(data.reward[start:end, 0])
-        term = np.zeros(end - start, bool)
-        term[-1] = done
-        stop = np.zeros(end - start, bool)
-        if not done:  # append the final next observation with a never-used action/reward
-            obs.append(data.next_obs[end - 1 : end])
-            actions.append(np.zeros_like(data.action[:1]))
-            rewards.append(np.zeros(1, dtype=data.reward.dtype))
-            term = np.append(term, False)
-            stop = np.append(stop, True)
-        terminals.append(term)
-        timeouts.append(stop)
+    for observations, acts, rews, terminated in episodes:
+        steps = len(acts)
+        keep = steps if terminated else steps + 1
+        obs.append(observations[:keep])
+        actions.append(np.concatenate([acts, np.zeros_like(acts[:1])])[:keep])
+        rewards.append(np.append(rews, 0.0)[:keep])
+        terminal, timeout = np.zeros(keep, bool), np.zeros(keep, bool)
+        (terminal if terminated else timeout)[-1] = True
+        terminals.append(terminal)
+        timeouts.append(timeout)
     return d3rlpy.dataset.MDPDataset(
         np.concatenate(obs).astype(np.float32),
         np.concatenate(actions).astype(np.float32),
@@ -273,6 +269,26 @@ def to_mdp_dataset(data: NeoRLData) -> MDPDataset:
         np.concatenate(timeouts),
         action_space=d3rlpy.ActionSpace.CONTINUOUS,
     )
+
+
+def to_mdp_dataset(data: NeoRLData) -> MDPDataset:
+    """A d3rlpy MDPDataset with NeoRL's trajectories: a trajectory ending in ``done`` is
+    terminal; any other ends by time-out, and its last ``next_obs`` is kept as a final
+    observation so that no transition is lost."""
+
+    def episodes() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, bool]]:
+        for start, end in data.trajectory_bounds():
+            if data.done[start : end - 1].any():
+                raise DatasetFileError(f"{data.source}: 'done' inside trajectory at {start}..{end}")
+            observations = np.concatenate([data.obs[start:end], data.next_obs[end - 1 : end]])
+            yield (
+                observations,
+                data.action[start:end],
+                data.reward[start:end, 0],
+                bool(data.done[end - 1]),
+            )
+
+    return _mdp_from_episodes(episodes())
 
 
 def replay_buffer_observations(buffer: ReplayBufferBase) -> np.ndarray:
@@ -394,7 +410,6 @@ def minari_dataset(dataset_id: str) -> Any:
 def _load_minari(dataset_id: str, train_num: int | None) -> OfflineDataset:
     """Minari episodes -> d3rlpy: a terminated episode ends terminal; any other ends by
     time-out and keeps its last observation (as :func:`to_mdp_dataset`)."""
-    import d3rlpy
     import gymnasium as gym
 
     source = f"{MINARI_PREFIX}{dataset_id}"
@@ -404,35 +419,18 @@ def _load_minari(dataset_id: str, train_num: int | None) -> OfflineDataset:
             f"{source}: observations are {type(dataset.observation_space).__name__}; LM "
             f"encoders need flat Box observations"
         )
-    obs, actions, rewards, terminals, timeouts = [], [], [], [], []
-    offset = 0
-    for episode in _keep_first(source, list(dataset.iterate_episodes()), train_num):
-        steps = len(episode.actions)
-        fields = {
-            "observations": np.asarray(episode.observations, dtype=np.float64),
-            "actions": np.asarray(episode.actions, dtype=np.float64),
-            "rewards": np.asarray(episode.rewards, dtype=np.float64),
-        }
-        _refuse_non_finite(source, fields, row_offset=offset)
-        offset += steps
-        terminated = bool(episode.terminations[-1])
-        keep = steps if terminated else steps + 1  # a time-out keeps its final observation
-        obs.append(fields["observations"][:keep])
-        actions.append(
-            np.concatenate([fields["actions"], np.zeros_like(fields["actions"][:1])])[:keep]
-        )
-        rewards.append(np.append(fields["rewards"], 0.0)[:keep])
-        terminal = np.zeros(keep, bool)
-        timeout = np.zeros(keep, bool)
-        (terminal if terminated else timeout)[-1] = True
-        terminals.append(terminal)
-        timeouts.append(timeout)
-    buffer = d3rlpy.dataset.MDPDataset(
-        np.concatenate(obs).astype(np.float32),
-        np.concatenate(actions).astype(np.float32),
-        np.concatenate(rewards).astype(np.float32),
-        np.concatenate(terminals),
-        np.concatenate(timeouts),
-        action_space=d3rlpy.ActionSpace.CONTINUOUS,
-    )
+
+    def episodes() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, bool]]:
+        offset = 0
+        for episode in _keep_first(source, list(dataset.iterate_episodes()), train_num):
+            fields = {
+                "observations": np.asarray(episode.observations, dtype=np.float64),
+                "actions": np.asarray(episode.actions, dtype=np.float64),
+                "rewards": np.asarray(episode.rewards, dtype=np.float64),
+            }
+            _refuse_non_finite(source, fields, row_offset=offset)
+            offset += len(fields["actions"])
+            yield (*fields.values(), bool(episode.terminations[-1]))
+
+    buffer = _mdp_from_episodes(episodes())
     return OfflineDataset(dataset_id.replace("/", "-"), source, buffer, source)
