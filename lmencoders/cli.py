@@ -206,6 +206,7 @@ def _evaluation_line(evaluation: dict) -> str:
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
+    from .encoders import LMEncoderFactory
     from .errors import ConfigError
     from .saving import load_model
     from .train import evaluate, evaluation_cost
@@ -219,7 +220,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             raise ConfigError(f"{path}: no result.json beside it to name the environment: --env")
         env = json.loads(record.read_text())["evaluation"]["env"]
     algo = load_model(path, config.device, trust_pickle=config.trust_pickle)
-    encoder = "lm" if "LMEncoderFactory" in repr(algo.config) else "vector"
+    factories = [getattr(algo.config, f.name) for f in dataclasses.fields(algo.config)]
+    encoder = "lm" if any(isinstance(f, LMEncoderFactory) for f in factories) else "vector"
     print(evaluation_cost(env, config.episodes, encoder), flush=True)
     print(_evaluation_line(evaluate(algo, env, config.episodes, config.seed)))
     return 0

@@ -28,7 +28,6 @@ def option(
     choices: typing.Iterable[Any] | None = None,
     positional: bool = False,
     metavar: str | None = None,
-    cli: bool = True,
 ) -> Any:
     """A dataclass field with what the command line needs to show it. Lists and other
     mutable defaults are copied per instance."""
@@ -38,7 +37,6 @@ def option(
         "choices": None if choices is None else list(choices),
         "positional": positional,
         "metavar": metavar,
-        "cli": cli,
     }
     if isinstance(default, (list, dict, set)):
         value = default
@@ -92,10 +90,10 @@ def _argument(field: dataclasses.Field, hint: Any) -> tuple[list[str], dict[str,
 
 
 def add_options(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """One argparse option per field of ``config_cls`` (fields with ``cli=False`` skipped)."""
+    """One argparse option per field of ``config_cls`` declared with :func:`option`."""
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
-        if field.metadata.get("cli", True) is False or "help" not in field.metadata:
+        if "help" not in field.metadata:
             continue
         names, kwargs = _argument(field, hints[field.name])
         if not field.metadata["positional"]:

@@ -227,7 +227,7 @@ def test_gradient_attribution_equals_a_direct_computation(tiny_lm):
         hidden = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
         pooled = hidden.last_hidden_state.mean(dim=1)
         (pooled[:, 0] * pooled[:, 1]).sum().backward()
-        per_token = (embeds.grad * embeds).sum(-1).abs()[0]
+        per_token = (embeds.grad * embeds).sum(-1).abs()[0].detach()
         expected = []
         for k, piece in enumerate(pieces):
             before = description.separator.join(pieces[:k]) + (description.separator if k else "")
