@@ -275,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .experiments import ExperimentConfig
     from .train import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="lmencoders", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="lmencoders", description="Offline RL that reads observations as text (d3rlpy + LMs)."
+    )
     parser.add_argument("--verbose", action="store_true", help="show d3rlpy's log lines")
     parser.add_argument(
         "--allow-download",
