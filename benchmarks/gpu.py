@@ -24,30 +24,13 @@ import numpy as np
 import structlog
 import torch
 import transformers
-from run import all_observations, hopper_dataset, machine, table
+from run import all_observations, hopper_dataset, machine, table, td3
 
 import lmencoders
 from lmencoders.backbone import language_model
 from lmencoders.features import clear_feature_caches
 
 HERE = Path(__file__).resolve().parent
-
-
-def td3(dataset, factory, batch_size: int, device: str):
-    algo = d3rlpy.algos.TD3PlusBCConfig(
-        actor_encoder_factory=factory,
-        critic_encoder_factory=factory,
-        observation_scaler=d3rlpy.preprocessing.StandardObservationScaler(),
-        batch_size=batch_size,
-    ).create(device=device)
-    algo.fit(
-        dataset,
-        n_steps=1,
-        n_steps_per_epoch=1,
-        show_progress=False,
-        logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
-    )
-    return algo
 
 
 def synchronize(device: str) -> None:
@@ -90,7 +73,7 @@ def updates(dataset, device: str, quick: bool) -> str:
     cheap, costly = (2, 1) if quick else (50, 10)
     rows = []
     plain = ms_per_update(
-        td3(dataset, d3rlpy.models.VectorEncoderFactory(), batch, device),
+        td3(dataset, d3rlpy.models.VectorEncoderFactory(), batch, device=device),
         dataset,
         batch,
         cheap,
@@ -114,7 +97,7 @@ def updates(dataset, device: str, quick: bool) -> str:
             )
             if settings["tuning"] == "frozen":
                 factory.precompute(dataset, cache_dir=False, device=device, show_progress=False)
-            algo = td3(dataset, factory, batch, device)
+            algo = td3(dataset, factory, batch, device=device)
             ms = ms_per_update(algo, dataset, batch, count, device)
             rows.append([name, precision, f"{ms:.1f}", f"{ms / plain:.1f}x"])
     return table(
@@ -125,7 +108,7 @@ def updates(dataset, device: str, quick: bool) -> str:
 def finetune_run(dataset, device: str, quick: bool, grid_steps: int, budget: float) -> str:
     steps = 3 if quick else 1_000
     factory = lmencoders.LMEncoderFactory(description="hopper", tuning="ln_embed")
-    algo = td3(dataset, factory, 8 if quick else 256, device)
+    algo = td3(dataset, factory, 8 if quick else 256, device=device)
     done, start = 0, time.perf_counter()
     while done < steps and time.perf_counter() - start < budget:
         algo.update(dataset.sample_transition_batch(algo.config.batch_size))

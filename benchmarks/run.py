@@ -146,7 +146,7 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def td3(dataset, encoder_factory, batch_size: int, share: bool = False):
+def td3(dataset, encoder_factory, batch_size: int, share: bool = False, device: str = "cpu"):
     scaler = d3rlpy.preprocessing.StandardObservationScaler()
     if isinstance(encoder_factory, lmencoders.LMEncoderFactory):
         encoder_factory.observation_scaler = scaler
@@ -156,7 +156,7 @@ def td3(dataset, encoder_factory, batch_size: int, share: bool = False):
         observation_scaler=scaler,
         batch_size=batch_size,
         q_func_factory=d3rlpy.models.MeanQFunctionFactory(share_encoder=share),
-    ).create(device="cpu")
+    ).create(device=device)
     algo.fit(
         dataset,
         n_steps=1,

@@ -150,7 +150,9 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys):
     assert "x.npz: unreadable .npz file" in capsys.readouterr().err
 
 
-def test_experiment_runs_in_resumable_parts_and_reports(collected, tiny_lm, tmp_path, capsys):
+def test_experiment_runs_in_resumable_parts_and_reports(
+    collected, tiny_lm, tmp_path, capsys, monkeypatch
+):
     out, _ = collected
     dataset = str(out / "Hopper-v5-low-3-train.npz")
     args = [
@@ -185,8 +187,10 @@ def test_experiment_runs_in_resumable_parts_and_reports(collected, tiny_lm, tmp_
     lm_run = next((tmp_path / "exp" / "runs").glob("*lm-frozen-seed0-*/result.json"))
     assert json.loads(lm_run.read_text())["config"]["model"] == tiny_lm
     results = tmp_path / "RESULTS.md"
+    monkeypatch.chdir(tmp_path)  # as in a repository: recorded paths under it become relative
     assert main(["report", "--out", str(tmp_path / "exp"), "--results", str(results)]) == 0
     text = results.read_text()
+    assert "--out exp" in text and f"--out {tmp_path}" not in text
     assert "| Hopper-v5-low-3-train | 3 | BC |" in text and "TD3+BC LM-No-Tune" in text
     summary = next(line for line in text.splitlines() if line.startswith("| Hopper-v5-low-3"))
     assert summary.count("(2)") == 2  # one cell per method, 2 seeds each
