@@ -261,6 +261,20 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _relabel(args: argparse.Namespace) -> int:
+    from .relabel import RelabelConfig, relabel
+
+    config = from_args(RelabelConfig, args)
+    record = relabel(config, command="lmencoders " + shlex.join(args.argv))
+    counts = ", ".join(f"{answer} {n}" for answer, n in sorted(record["counts"].items()))
+    print(
+        f"{record['spans']} outcomes judged by {config.judge} ({record['verdicts_from_cache']} "
+        f"from the cache) in {record['seconds']:.0f} s: {counts}\n"
+        f"relabelled dataset: {record['output']} (record beside it, .json)"
+    )
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from .report import write_results
 
@@ -273,6 +287,7 @@ def _report(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .collect import CollectConfig
     from .experiments import ExperimentConfig
+    from .relabel import RelabelConfig
     from .train import TrainConfig
 
     parser = argparse.ArgumentParser(
@@ -354,6 +369,16 @@ def build_parser() -> argparse.ArgumentParser:
         "Weights per piece of the description (dimension label or group) for actor and "
         "critic, averaged over dataset observations: the readout's attention for "
         "pooling=segments, gradient x input for mean/CLS pooling.",
+    )
+    command(
+        "relabel",
+        RelabelConfig,
+        _relabel,
+        "relabel a dataset's rewards from an objective in words (an LM judges each outcome)",
+        "Write each trajectory (or window) as an outcome text, ask a judge whether it "
+        "satisfies the objective, and write a NeoRL-layout .npz whose rewards come from the "
+        "answers (Kwon et al., Reward Design with Language Models). Verdicts are cached: an "
+        "interrupted run resumes, a repeated one is free.",
     )
     command(
         "report",

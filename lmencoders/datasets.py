@@ -28,6 +28,7 @@ import numpy as np
 
 from .checks import first_non_finite, optional_positive
 from .errors import ConfigError, LMEncodersError
+from .files import atomic_write
 
 if TYPE_CHECKING:
     from d3rlpy.dataset import MDPDataset, ReplayBufferBase
@@ -41,6 +42,7 @@ __all__ = [
     "parse_neorl_file_name",
     "load_neorl",
     "read_neorl_file",
+    "write_neorl_file",
     "to_mdp_dataset",
     "replay_buffer_observations",
     "shipped_dataset",
@@ -195,6 +197,18 @@ def read_neorl_file(path: str | Path, verify: bool = True) -> NeoRLData:
     arrays["index"] = index
     arrays["done"] = arrays["done"].reshape(-1).astype(bool)
     return NeoRLData(**arrays, source=str(path))
+
+
+def write_neorl_file(
+    path: str | Path, data: NeoRLData, extra: dict[str, np.ndarray] | None = None
+) -> Path:
+    """Write ``data`` in NeoRL's layout (the inverse of :func:`read_neorl_file`: ``index``
+    without its leading 0, as float), atomically; ``extra`` arrays are stored beside."""
+    arrays = {k: np.asarray(getattr(data, k), dtype=np.float32) for k in KEYS if k != "index"}
+    arrays["done"] = np.asarray(data.done, dtype=bool).reshape(-1, 1)
+    arrays["index"] = np.asarray(data.index[1:], dtype=np.float32)
+    arrays.update(extra or {})
+    return atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def _polixir_neorl() -> Any:
