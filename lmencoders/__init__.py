@@ -28,6 +28,7 @@ from .errors import (
     UnreachableTokenError,
 )
 from .features import embed_observations, precompute_features
+from .relabel import RelabelConfig, relabel
 from .saving import load_model, save_model
 
 register()
@@ -54,4 +55,6 @@ __all__ = [
     "load_dataset",
     "save_model",
     "load_model",
+    "RelabelConfig",
+    "relabel",
 ]
