@@ -13,6 +13,7 @@ import io
 with contextlib.redirect_stderr(io.StringIO()):
     import gym  # noqa: F401
 
+from .algos import LMDecisionTransformer, LMDecisionTransformerConfig
 from .backbone import DEFAULT_MODEL, TUNING_MODES
 from .datasets import load_dataset
 from .description import StateDescription, load_description, shipped_descriptions
@@ -57,4 +58,6 @@ __all__ = [
     "load_model",
     "RelabelConfig",
     "relabel",
+    "LMDecisionTransformerConfig",
+    "LMDecisionTransformer",
 ]

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .experiments import METHODS, PAPER_RESULTS
+from .statistics import curve_band
 
 __all__ = ["write_results"]
 
@@ -109,7 +110,113 @@ def _tables(out: Path, runs: list[tuple[Path, dict]]) -> str:
                 f"{_values(group, 'steps')} | {_values(group, 'episodes')} |"
             )
     _plot_curves(out, rows)
-    return _summary(groups, datasets, methods) + "\n\nEvery cell:\n\n" + "\n".join(lines)
+    summary = _summary(groups, datasets, methods) + "\n\nEvery cell:\n\n" + "\n".join(lines)
+    return summary + "\n\n" + _statistics(out, rows, methods)
+
+
+BASELINE = "TD3+BC"
+
+
+def _statistics(out: Path, rows: list[dict], methods: list[str]) -> str:
+    """rliable's intervals per task and overall, P(LM variant > TD3+BC), the paired per-seed
+    table, and the interval plot (``intervals.png``)."""
+    from . import statistics
+
+    tasks = statistics.scores_by_task(rows)
+    variants = [m for m in methods if "LM" in m and BASELINE in methods]
+    lines = [
+        "## Statistics (rliable: stratified bootstrap, 95% intervals)",
+        "",
+        "Scores: NeoRL-normalised where NeoRL has references, raw return otherwise (FinRL). "
+        f"P(X > {BASELINE}) is the probability that a run of X scores above a run of "
+        f"{BASELINE} on the same task.",
+        "",
+        f"| task | method | seeds | IQM | mean | P(method > {BASELINE}) | the interval supports |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, task in sorted(tasks.items()):
+        estimates = statistics.aggregates([task], methods)
+        for method, values in estimates.items():
+            probability = (
+                statistics.improvement([task], method, BASELINE) if method in variants else None
+            )
+            words = statistics.verdict(probability, method, BASELINE) if probability else ""
+            seeds = len(task.by_method[method])
+            lines.append(
+                f"| {name} | {method} | {seeds} | {values['IQM']} | {values['mean']} | "
+                f"{probability or '-'} | {words} |"
+            )
+    normalised = [t for _, t in sorted(tasks.items()) if t.normalised]
+    overall = statistics.aggregates(normalised, methods) if normalised else {}
+    if overall:
+        lines += [
+            "",
+            f"Over the {len(normalised)} tasks with normalised scores "
+            f"({', '.join(t.task for t in normalised)}), on the seeds every task has:",
+            "",
+            f"| method | IQM | mean | P(method > {BASELINE}) | the interval supports |",
+            "|---|---|---|---|---|",
+        ]
+        for method, values in overall.items():
+            probability = (
+                statistics.improvement(normalised, method, BASELINE) if method in variants else None
+            )
+            words = statistics.verdict(probability, method, BASELINE) if probability else ""
+            lines.append(
+                f"| {method} | {values['IQM']} | {values['mean']} | {probability or '-'} | "
+                f"{words} |"
+            )
+        _plot_intervals(out, overall)
+        lines += ["", "![intervals](results/intervals.png)"]
+    lines += ["", _paired_table(tasks, variants)]
+    return "\n".join(lines)
+
+
+def _paired_table(tasks: dict, variants: list[str]) -> str:
+    """Per task and seed: TD3+BC next to each LM variant (same data, same seed)."""
+    if not variants:
+        return ""
+    lines = [
+        f"Paired by seed (score of {BASELINE}, of each variant, and the difference):",
+        "",
+        f"| task | seed | {BASELINE} | " + " | ".join(variants) + " |",
+        "|---|---|---|" + "---|" * len(variants),
+    ]
+    for name, task in sorted(tasks.items()):
+        base = task.by_method.get(BASELINE, {})
+        for seed in sorted(base):
+            cells = []
+            for variant in variants:
+                value = task.by_method.get(variant, {}).get(seed)
+                cells.append("-" if value is None else f"{value:.1f} ({value - base[seed]:+.1f})")
+            lines.append(f"| {name} | {seed} | {base[seed]:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _plot_intervals(out: Path, overall: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from rliable import plot_utils
+
+    methods = list(overall)
+    points = {m: np.array([overall[m]["IQM"].point, overall[m]["mean"].point]) for m in methods}
+    intervals = {
+        m: np.array(
+            [
+                [overall[m][k].low for k in ("IQM", "mean")],
+                [overall[m][k].high for k in ("IQM", "mean")],
+            ]
+        )
+        for m in methods
+    }
+    figure, _ = plot_utils.plot_interval_estimates(
+        points, intervals, metric_names=["IQM", "Mean"], algorithms=methods,
+        xlabel="NeoRL-normalised score", xlabel_y_coordinate=-0.35, row_height=0.6,
+    )  # fmt: skip
+    figure.savefig(out / "intervals.png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
 
 
 def _summary(groups: dict, datasets: list[str], methods: list[str]) -> str:
@@ -154,8 +261,9 @@ def _plot_curves(out: Path, rows: list[dict]) -> None:
             length = min(len(c) for c in curves)
             steps = [s for s, _ in curves[0][:length]]
             values = np.array([[v for _, v in c[:length]] for c in curves])
-            axis.plot(steps, values.mean(0), label=f"{method} ({len(curves)} seeds)")
-            axis.fill_between(steps, values.min(0), values.max(0), alpha=0.15)
+            mean, low, high = curve_band(values)
+            axis.plot(steps, mean, label=f"{method} ({len(curves)} seeds)")
+            axis.fill_between(steps, low, high, alpha=0.15)
         for data_return in sorted({r["data_return"] for r in rows if r["dataset"] == dataset}):
             axis.axhline(data_return, color="gray", linestyle="--", linewidth=1)
             axis.annotate(
@@ -168,7 +276,7 @@ def _plot_curves(out: Path, rows: list[dict]) -> None:
                 fontsize=8,
             )
         axis.set_xlabel("gradient steps")
-        axis.set_ylabel("evaluation return")
+        axis.set_ylabel("evaluation return (mean over seeds, 95% bootstrap band)")
         axis.set_title(dataset)
         axis.legend(fontsize=8)
         figure.tight_layout()
@@ -233,6 +341,8 @@ def write_results(
     for png in sorted(out.glob("curves-*.png")):
         shutil.copy(png, figures / png.name)
         plots.append(f"![{png.stem}](results/{png.name})")
+    if (out / "intervals.png").is_file():
+        shutil.copy(out / "intervals.png", figures / "intervals.png")
     log = out / "experiment.json"
     invocations = json.loads(log.read_text()) if log.is_file() else []
     shown = (_relative_to_here(i["command"]) for i in invocations)

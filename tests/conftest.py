@@ -41,6 +41,14 @@ def feature_cache_dir(tmp_path_factory):
         os.environ["LMENCODERS_CACHE"] = previous
 
 
+@pytest.fixture(autouse=True)
+def quick_bootstrap(monkeypatch):
+    """Report statistics with few bootstrap replications: the same code, seconds not minutes."""
+    from lmencoders import statistics
+
+    monkeypatch.setattr(statistics, "REPS", 300)
+
+
 @pytest.fixture
 def lm_texts(monkeypatch) -> list[int]:
     """Texts per LM call (a spy on LanguageModel.encode that calls through)."""

@@ -197,6 +197,7 @@ def test_experiment_runs_in_resumable_parts_and_reports(
     assert "lmencoders experiment --datasets" in text  # the exact commands are recorded
     assert "- `Hopper-v5-low-3-train.npz`: `lmencoders collect --env Hopper-v5 --out" in text
     assert (tmp_path / "results" / "curves-Hopper-v5-low-3-train.png").stat().st_size > 1000
+    assert "## Statistics (rliable" in text and "| Hopper-v5-low-3-train | BC | 2 |" in text
     rows = (tmp_path / "results" / "results.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 4
 

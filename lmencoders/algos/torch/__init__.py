@@ -1,0 +1,1 @@
+"""The torch modules and update rules behind :mod:`lmencoders.algos`."""

@@ -1,0 +1,231 @@
+"""The maths of the LM Decision Transformer: a pretrained LM body reading (return-to-go,
+state, action) tokens, with Reid et al.'s alignment loss.
+
+The body is lmencoders' shared one (:func:`lmencoders.backbone.language_model`): this module
+owns only the LM tensors its tuning mode trains and runs the body through
+``torch.func.functional_call``, so a frozen or LoRA model's checkpoint holds no copy of the
+body, exactly as for :class:`lmencoders.LMEncoderFactory`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from d3rlpy.algos.transformer.base import TransformerAlgoImplBase
+from d3rlpy.algos.transformer.inputs import TorchTransformerInput
+from d3rlpy.models.torch import Encoder
+from d3rlpy.optimizers import OptimizerWrapper
+from d3rlpy.torch_utility import Modules, TorchTrajectoryMiniBatch
+from d3rlpy.types import Shape
+from torch import nn
+
+from ...alignment import annealed_weight, cosine_alignment_loss
+from ...backbone import LanguageModel, TuningMode, language_model
+from ...errors import ModelMismatchError
+
+__all__ = [
+    "LanguageBody",
+    "PretrainedDecisionTransformer",
+    "LMDecisionTransformerModules",
+    "LMDecisionTransformerImpl",
+    "causal_mask",
+]
+
+
+def _mangle(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def _unmangle(name: str) -> str:
+    return name.replace("__", ".")
+
+
+class LanguageBody(nn.Module):
+    """The shared pretrained body, fed input embeddings under a given attention mask.
+
+    Holds only what its tuning mode trains. The word-embedding matrix is left out in every
+    mode: inputs arrive as embeddings, so it is never read (and would dominate a checkpoint)."""
+
+    def __init__(self, model: str, tuning: TuningMode) -> None:
+        super().__init__()
+        self.model_name, self.tuning = model, tuning
+        lm = language_model(model, tuning)
+        self.hidden_size = lm.hidden_size
+        self.max_positions = int(getattr(lm.model.config, "max_position_embeddings", 0) or 0)
+        digest = bytes.fromhex(lm.weights_sha256)
+        self.register_buffer("lm_weights_sha256", torch.tensor(list(digest), dtype=torch.uint8))
+        names = [n for n in tuning.trainable_names(lm.model) if n != lm.input_embedding_name]
+        self.lm_parameters = nn.ParameterDict(
+            {
+                _mangle(n): nn.Parameter(t.detach().clone())
+                for n, t in lm.named_tensors(names).items()
+            }
+        )
+
+    def body(self, device: torch.device) -> LanguageModel:
+        return language_model(self.model_name, self.tuning, device)
+
+    def forward(self, embeddings: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Last hidden states ``(B, L, H)`` of ``embeddings`` ``(B, L, H)`` read causally;
+        ``keep`` (B, L) marks real tokens. Positions count real tokens only, so a window
+        padded at the front reads as the same window unpadded."""
+        lm = self.body(embeddings.device)
+        inputs = {
+            "inputs_embeds": embeddings,
+            "attention_mask": causal_mask(keep),
+            "position_ids": (keep.long().cumsum(-1) - 1).clamp_min(0),
+        }
+        parameters = {_unmangle(k): v for k, v in self.lm_parameters.items()}
+        if parameters:
+            out = torch.func.functional_call(lm.model, parameters, args=(), kwargs=inputs)
+        else:
+            out = lm.model(**inputs)
+        return out.last_hidden_state
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        saved = state_dict.get(prefix + "lm_weights_sha256")
+        if saved is not None and not torch.equal(saved.cpu(), self.lm_weights_sha256.cpu()):
+            raise ModelMismatchError(
+                f"checkpoint was trained on LM weights sha256 {bytes(saved.tolist()).hex()}, "
+                f"but {self.model_name!r} loaded now has "
+                f"{bytes(self.lm_weights_sha256.tolist()).hex()}"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def causal_mask(keep: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, L, L)``: each token sees itself and the earlier tokens that ``keep`` (B, L)
+    marks real; seeing itself keeps padded rows finite (their outputs are never used)."""
+    length = keep.shape[1]
+    lower = torch.tril(torch.ones(length, length, dtype=torch.bool, device=keep.device))
+    eye = torch.eye(length, dtype=torch.bool, device=keep.device)
+    return ((lower & keep.bool()[:, None, :]) | eye)[:, None]
+
+
+def _projection(in_size: int, out_size: int, kind: str) -> nn.Module:
+    if kind == "mlp":  # LaMo's MLP embeddings
+        return nn.Sequential(nn.Linear(in_size, out_size), nn.GELU(), nn.Linear(out_size, out_size))
+    return nn.Linear(in_size, out_size)
+
+
+class PretrainedDecisionTransformer(nn.Module):
+    """Decision Transformer whose sequence model is a pretrained LM: (R, s, a) tokens through
+    projections (and, with ``timestep_embedding``, DT's learned timestep embedding) and a
+    LayerNorm into the LM, actions from the state tokens' outputs."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        encoder_size: int,
+        body: LanguageBody,
+        action_size: int,
+        *,
+        projection: str,
+        max_timestep: int,
+        timestep_embedding: bool,
+        embed_dropout: float,
+    ) -> None:
+        super().__init__()
+        hidden = body.hidden_size
+        self.encoder = encoder
+        self.body = body
+        self.state_projection = _projection(encoder_size, hidden, projection)
+        self.action_projection = _projection(action_size, hidden, projection)
+        self.return_projection = _projection(1, hidden, projection)
+        self.timestep = nn.Embedding(max_timestep + 1, hidden) if timestep_embedding else None
+        self.embed_norm = nn.LayerNorm(hidden)
+        self.dropout = nn.Dropout(embed_dropout)
+        self.head = nn.Linear(hidden, action_size)
+        self.last_inputs: torch.Tensor | None = None  # the token embeddings of the last call
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        action: torch.Tensor,
+        return_to_go: torch.Tensor,
+        timesteps: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Actions ``(B, T, A)`` predicted at every state token; ``attention_mask`` (B, T) is
+        1 for real steps (d3rlpy pads windows at the front)."""
+        batch, steps, _ = return_to_go.shape
+        states = self.encoder(x.reshape(batch * steps, *x.shape[2:])).reshape(batch, steps, -1)
+        tokens = [
+            self.return_projection(return_to_go),
+            self.state_projection(states),
+            self.action_projection(action),
+        ]
+        if self.timestep is not None:
+            position = self.timestep(timesteps.long().clamp_max(self.timestep.num_embeddings - 1))
+            tokens = [t + position for t in tokens]
+        # (B, T, 3, H) -> (B, 3T, H): R_1, s_1, a_1, R_2, ...
+        h = torch.stack(tokens, dim=2).reshape(batch, 3 * steps, -1)
+        keep = attention_mask.repeat_interleave(3, dim=1)
+        if not self.training:  # acting: the last action is the one being predicted
+            h, keep = h[:, :-1], keep[:, :-1]
+        h = self.embed_norm(h)
+        self.last_inputs = h
+        out = self.body(self.dropout(h), keep)
+        return torch.tanh(self.head(out[:, 1::3]))
+
+
+@dataclasses.dataclass(frozen=True)
+class LMDecisionTransformerModules(Modules):
+    transformer: PretrainedDecisionTransformer
+    optim: OptimizerWrapper
+
+
+class LMDecisionTransformerImpl(TransformerAlgoImplBase):
+    """Loss: squared action error on real steps, plus the annealed alignment loss."""
+
+    _modules: LMDecisionTransformerModules
+
+    def __init__(
+        self,
+        observation_shape: Shape,
+        action_size: int,
+        modules: LMDecisionTransformerModules,
+        device: str,
+        *,
+        centroids: torch.Tensor | None,
+        cos_weight: float,
+        cos_anneal_steps: int,
+    ) -> None:
+        super().__init__(observation_shape, action_size, modules, device)
+        self._centroids = None if centroids is None else centroids.to(device)
+        self._cos_weight = cos_weight
+        self._cos_anneal_steps = cos_anneal_steps
+
+    def inner_predict(self, inpt: TorchTransformerInput) -> torch.Tensor:
+        action = self._modules.transformer(
+            inpt.observations, inpt.actions, inpt.returns_to_go, inpt.timesteps, inpt.masks
+        )
+        return action[0][-1]
+
+    def losses(self, batch: TorchTrajectoryMiniBatch, grad_step: int) -> dict[str, torch.Tensor]:
+        transformer = self._modules.transformer
+        action = transformer(
+            batch.observations, batch.actions, batch.returns_to_go, batch.timesteps, batch.masks
+        )
+        error = ((action - batch.actions) ** 2).sum(dim=-1)
+        losses = {"action_loss": (error.reshape(-1) * batch.masks.reshape(-1)).mean()}
+        weight = annealed_weight(self._cos_weight, grad_step, self._cos_anneal_steps)
+        if self._centroids is not None and weight > 0.0:
+            keep = batch.masks.reshape(batch.masks.shape[0], -1).repeat_interleave(3, dim=1)
+            cos = cosine_alignment_loss(transformer.last_inputs, self._centroids, keep)
+            losses["cos_loss"] = cos
+            losses["loss"] = losses["action_loss"] + weight * cos
+        else:
+            losses["loss"] = losses["action_loss"]
+        return losses
+
+    def inner_update(self, batch: TorchTrajectoryMiniBatch, grad_step: int) -> dict[str, float]:
+        self._modules.optim.zero_grad()
+        losses = self.losses(batch, grad_step)
+        losses["loss"].backward()
+        self._modules.optim.step()
+        return {k: float(v.detach().cpu()) for k, v in losses.items()}

@@ -1,0 +1,193 @@
+"""LM Decision Transformer: L_cos and its K-means centroids against direct computations, the
+causal reading of tokens, the tuning modes' invariants, saving and loading, d3rlpy's fit."""
+
+from __future__ import annotations
+
+import d3rlpy
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_lm
+
+import lmencoders
+from lmencoders.algos.torch.lm_decision_transformer_impl import causal_mask
+from lmencoders.alignment import annealed_weight, cosine_alignment_loss, language_centroids
+from lmencoders.backbone import language_model
+from lmencoders.errors import ConfigError, ModelMismatchError
+
+
+def quiet_fit(algo, dataset, steps: int) -> None:
+    algo.fit(
+        dataset,
+        n_steps=steps,
+        n_steps_per_epoch=steps,
+        show_progress=False,
+        save_interval=10**9,
+        logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
+    )
+
+
+def config(tiny_lm: str, **overrides) -> lmencoders.LMDecisionTransformerConfig:
+    settings = dict(
+        model=tiny_lm, context_size=4, batch_size=8, cos_clusters=8, max_timestep=100,
+        embed_dropout=0.0,
+    )  # fmt: skip
+    return lmencoders.LMDecisionTransformerConfig(**{**settings, **overrides})
+
+
+def test_alignment_loss_is_minus_the_mean_best_cosine():
+    torch.manual_seed(0)
+    inputs, centroids = torch.randn(2, 5, 8), torch.randn(3, 8)
+    mask = torch.tensor([[1, 1, 0, 1, 1], [0, 0, 1, 1, 1]])
+    best = []
+    for b in range(2):
+        for t in range(5):
+            if mask[b, t]:
+                cosines = [
+                    float(torch.dot(inputs[b, t], c) / (inputs[b, t].norm() * c.norm()))
+                    for c in centroids
+                ]
+                best.append(max(cosines))
+    loss = cosine_alignment_loss(inputs, centroids, mask)
+    assert float(loss) == pytest.approx(-np.mean(best), abs=1e-6)
+    assert float(cosine_alignment_loss(centroids[None], centroids)) == pytest.approx(-1.0)
+
+
+def test_centroids_are_a_kmeans_fixed_point_and_cached(tiny_lm, tmp_path):
+    lm = language_model(tiny_lm)
+    centroids = language_centroids(lm, 8, cache_dir=tmp_path)
+    embeddings = lm.model.get_input_embeddings().weight.detach()
+    assert centroids.shape == (8, embeddings.shape[1])
+    nearest = torch.cdist(embeddings, centroids).argmin(1)
+    for j in range(8):  # Lloyd's fixed point: each centroid is the mean of its members
+        members = embeddings[nearest == j]
+        assert len(members) and torch.allclose(members.mean(0), centroids[j], atol=1e-4)
+    cached = list((tmp_path / "centroids").glob("*.npy"))
+    assert len(cached) == 1
+    assert torch.equal(language_centroids(lm, 8, cache_dir=tmp_path), centroids)
+    cached[0].write_bytes(b"garbage")  # a broken cache file is computed again
+    assert torch.equal(language_centroids(lm, 8, cache_dir=tmp_path), centroids)
+
+
+def test_annealed_weight():
+    assert annealed_weight(0.1, 0, 0) == annealed_weight(0.1, 10**6, 0) == 0.1
+    assert annealed_weight(0.1, 0, 5000) == pytest.approx(0.1, rel=0.01)
+    assert annealed_weight(0.1, 2500, 5000) == pytest.approx(0.05)
+    assert annealed_weight(0.1, 5000, 5000) < 0.001
+    assert annealed_weight(0.1, 10**9, 5000) == 0.0
+
+
+def test_causal_mask_lets_a_token_see_itself_and_the_real_past():
+    mask = causal_mask(torch.tensor([[0, 1, 1]]))[0, 0]
+    assert mask.tolist() == [[True, False, False], [False, True, False], [False, True, True]]
+
+
+@pytest.fixture
+def built(tiny_lm, hopper_dataset):
+    dt = config(tiny_lm, tuning="full").create()
+    dt.build_with_dataset(hopper_dataset)
+    return dt
+
+
+def test_tokens_are_read_causally_and_front_padding_changes_nothing(built):
+    transformer = built.impl.modules.transformer.eval()
+    torch.manual_seed(0)
+    obs, act, rtg = torch.randn(1, 4, 12), torch.rand(1, 4, 3), torch.randn(1, 4, 1)
+    steps, keep = torch.arange(1, 5)[None], torch.ones(1, 4)
+    transformer.train()  # every token, no acting shortcut
+    with torch.no_grad():
+        base = transformer(obs, act, rtg, steps, keep)
+        later = act.clone()
+        later[0, 2] += 1.0  # the action at step 3 is read after the state at step 3
+        moved = transformer(obs, later, rtg, steps, keep)
+        assert torch.allclose(base[0, :3], moved[0, :3], atol=1e-5)
+        assert not torch.allclose(base[0, 3], moved[0, 3])
+        # the last three steps, padded with one zero step in front
+        pad = lambda x: torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:]], 1)  # noqa: E731
+        padded = transformer(pad(obs), pad(act), pad(rtg), pad(steps), pad(keep))
+        alone = transformer(obs[:, 1:], act[:, 1:], rtg[:, 1:], steps[:, 1:], keep[:, 1:])
+        assert torch.allclose(padded[0, 1:], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("tuning", "trained"),
+    [("frozen", lambda n: False), ("lora", lambda n: "lora_" in n), ("full", lambda n: True)],
+)
+def test_tuning_modes_keep_the_shared_body_and_hold_only_what_they_train(
+    tiny_lm, hopper_dataset, tmp_path, tuning, trained
+):
+    body = language_model(tiny_lm).model
+    before = {k: v.clone() for k, v in body.state_dict().items()}
+    dt = config(tiny_lm, tuning=tuning).create()
+    quiet_fit(dt, hopper_dataset, 3)
+    for name, tensor in body.state_dict().items():  # the shared body is bitwise untouched
+        assert torch.equal(tensor, before[name]), name
+    saved = dt.impl.modules.transformer.state_dict()
+    lm_names = [k.split("lm_parameters.")[1] for k in saved if "lm_parameters." in k]
+    assert all(trained(n.replace("__", ".")) for n in lm_names)
+    word = language_model(tiny_lm).input_embedding_name
+    assert word.replace(".", "__") not in lm_names  # never read: inputs arrive as embeddings
+    if tuning == "frozen":
+        assert lm_names == []
+    else:
+        assert lm_names
+    folder = lmencoders.save_model(dt, tmp_path / "dt")
+    again = lmencoders.load_model(folder)
+    window = np.stack([hopper_dataset.episodes[0].observations[:4]])
+    for algo in (dt, again):
+        algo.impl.modules.transformer.eval()
+    actor, reloaded = dt.as_stateful_wrapper(10.0), again.as_stateful_wrapper(10.0)
+    for t in range(3):
+        np.testing.assert_array_equal(
+            actor.predict(window[0, t], 1.0), reloaded.predict(window[0, t], 1.0)
+        )
+
+
+def test_a_checkpoint_of_other_lm_weights_is_refused(tiny_lm, hopper_dataset, tmp_path):
+    dt = config(tiny_lm, tuning="lora").create()
+    quiet_fit(dt, hopper_dataset, 2)
+    folder = lmencoders.save_model(dt, tmp_path / "dt")
+    other = str(make_tiny_lm(tmp_path / "other-lm", seed=7))
+    model_json = folder / "model.json"
+    model_json.write_text(model_json.read_text().replace(tiny_lm, other))
+    with pytest.raises(ModelMismatchError, match="LM weights sha256"):
+        lmencoders.load_model(folder)
+
+
+def test_alignment_loss_trains_and_fades(built, hopper_dataset):
+    from d3rlpy.dataset import TrajectoryMiniBatch
+    from d3rlpy.torch_utility import TorchTrajectoryMiniBatch
+
+    slicer = d3rlpy.dataset.BasicTrajectorySlicer()
+    episodes = hopper_dataset.episodes
+    trajectories = [slicer(e, e.transition_count - 1, 4) for e in episodes]
+    batch = TorchTrajectoryMiniBatch.from_batch(
+        TrajectoryMiniBatch.from_partial_trajectories(trajectories), device="cpu:0"
+    )
+    impl = built.impl
+    early, late = impl.losses(batch, 0), impl.losses(batch, 10**6)
+    assert "cos_loss" in early and -1.0 <= float(early["cos_loss"]) <= 1.0
+    weight = annealed_weight(0.1, 0, 5000)
+    assert float(early["loss"]) == pytest.approx(
+        float(early["action_loss"] + weight * early["cos_loss"]), rel=1e-5
+    )
+    assert "cos_loss" not in late and torch.equal(late["loss"], late["action_loss"])
+
+
+def test_state_tokens_from_language_features(tiny_lm, hopper_dataset):
+    factory = lmencoders.LMEncoderFactory(description="hopper", model=tiny_lm, tuning="frozen")
+    dt = config(tiny_lm, tuning="lora", encoder_factory=factory, cos_weight=0.0).create()
+    quiet_fit(dt, hopper_dataset, 2)
+    actor = dt.as_stateful_wrapper(10.0)
+    action = actor.predict(hopper_dataset.episodes[0].observations[0], 0.0)
+    assert action.shape == (3,) and np.isfinite(action).all()
+
+
+def test_settings_are_checked(tiny_lm, hopper_dataset):
+    with pytest.raises(ConfigError, match="unknown tuning"):
+        config(tiny_lm, tuning="half")
+    with pytest.raises(ConfigError, match="projection"):
+        config(tiny_lm, projection="conv")
+    dt = config(tiny_lm, context_size=30).create()  # the tiny LM has 64 positions
+    with pytest.raises(ConfigError, match=r"90 tokens.*64 positions.*context_size <= 21"):
+        dt.build_with_dataset(hopper_dataset)

@@ -1,0 +1,76 @@
+"""rliable statistics in the report, checked against direct computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lmencoders import statistics
+
+
+def rows(method: str, dataset: str, returns: list[float], normalised: bool = True) -> list[dict]:
+    return [
+        {
+            "dataset": dataset,
+            "method": method,
+            "seed": seed,
+            "mean_return": value,
+            "normalized_score": value / 10 if normalised else None,
+        }
+        for seed, value in enumerate(returns)
+    ]
+
+
+def test_scores_are_normalised_where_the_task_has_references():
+    tasks = statistics.scores_by_task(
+        rows("A", "hopper", [10.0, 20.0]) + rows("A", "finance", [3.0, 4.0], normalised=False)
+    )
+    assert tasks["hopper"].normalised and tasks["hopper"].by_method["A"] == {0: 1.0, 1: 2.0}
+    assert not tasks["finance"].normalised and tasks["finance"].by_method["A"] == {0: 3.0, 1: 4.0}
+
+
+def test_iqm_and_mean_with_intervals_match_direct_computations():
+    a = [1.0, 2.0, 3.0, 4.0, 100.0, 5.0, 6.0, 7.0]
+    task = statistics.scores_by_task(rows("A", "t", a, normalised=False))["t"]
+    result = statistics.aggregates([task], ["A"])["A"]
+    ordered = np.sort(a)
+    assert result["IQM"].point == pytest.approx(ordered[2:6].mean())  # 25% cut off each end
+    assert result["mean"].point == pytest.approx(np.mean(a))
+    for interval in result.values():
+        assert interval.low <= interval.point <= interval.high
+    assert statistics.aggregates([task], ["A"]) == {"A": result}  # seeded bootstrap
+
+
+def test_probability_of_improvement_is_the_share_of_winning_pairs():
+    x, y = [3.0, 5.0, 7.0, 1.0], [2.0, 5.0, 4.0]
+    tasks = statistics.scores_by_task(
+        rows("X", "t", x, normalised=False) + rows("Y", "t", y, normalised=False)
+    )
+    # seeds every task has: X and Y are each taken on their own seeds (4 and 3)
+    result = statistics.improvement([tasks["t"]], "X", "Y")
+    wins = sum((a > b) + 0.5 * (a == b) for a in x for b in y) / (len(x) * len(y))
+    assert result.point == pytest.approx(wins)
+    assert 0.0 <= result.low <= result.point <= result.high <= 1.0
+
+
+def test_verdict_words_follow_the_interval():
+    clear = statistics.scores_by_task(
+        rows("LM", "t", [10, 11, 12, 13, 14]) + rows("TD3+BC", "t", [0, 1, 2, 3, 4])
+    )["t"]
+    p = statistics.improvement([clear], "LM", "TD3+BC")
+    assert p.point == 1.0 and p.low == 1.0
+    assert statistics.verdict(p, "LM", "TD3+BC").startswith("LM above TD3+BC")
+    reverse = statistics.improvement([clear], "TD3+BC", "LM")
+    assert statistics.verdict(reverse, "TD3+BC", "LM").startswith("LM above TD3+BC")
+    mixed = statistics.Interval(0.6, 0.3, 0.9)
+    assert statistics.verdict(mixed, "LM", "TD3+BC").startswith("no difference supported")
+
+
+def test_curve_band_holds_the_mean():
+    curves = np.array([[1.0, 2.0, 3.0], [2.0, 4.0, 3.0], [3.0, 3.0, 3.0]])
+    mean, low, high = statistics.curve_band(curves)
+    np.testing.assert_allclose(mean, curves.mean(0))
+    assert (low <= mean + 1e-9).all() and (mean <= high + 1e-9).all()
+    assert low[2] == high[2] == 3.0  # every run agrees: no width
+    single, lo, hi = statistics.curve_band(curves[:1])
+    np.testing.assert_array_equal(lo, hi)
