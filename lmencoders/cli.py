@@ -95,6 +95,19 @@ class ExplainConfig:
 
 
 @dataclasses.dataclass
+class AttentionConfig:
+    models: list[str] = option(
+        help="LM Decision Transformer folders (model.json + model.pt), one row each",
+        positional=True,
+        metavar="MODEL",
+    )
+    dataset: str = option(help="where the window comes from (NeoRL .npz, .h5, minari:<id>)")
+    trajectory: int = option(0, "which trajectory of the dataset")
+    start: int = option(0, "first step of the window (context_size steps long)")
+    out: str = option("attention.png", "PNG to write")
+
+
+@dataclasses.dataclass
 class ReportConfig:
     out: str = option("experiments", "the experiment folder")
     results: str = option("RESULTS.md", "Markdown file to write")
@@ -275,6 +288,18 @@ def _relabel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attention(args: argparse.Namespace) -> int:
+    from .attention import attention_maps, draw_attention
+
+    config = from_args(AttentionConfig, args)
+    maps = [
+        attention_maps(m, config.dataset, trajectory=config.trajectory, start=config.start)
+        for m in config.models
+    ]
+    print(f"picture: {draw_attention(maps, config.out)}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from .report import write_results
 
@@ -379,6 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
         "satisfies the objective, and write a NeoRL-layout .npz whose rewards come from the "
         "answers (Kwon et al., Reward Design with Language Models). Verdicts are cached: an "
         "interrupted run resumes, a repeated one is free.",
+    )
+    command(
+        "attention",
+        AttentionConfig,
+        _attention,
+        "attention maps of LM Decision Transformers over one trajectory window",
+        "Early, middle and last layer attention (averaged over heads) over the (R, s, a) "
+        "tokens of one window of the dataset, one row per model (as Reid et al.'s Figure 2: "
+        "a pretrained body next to a randomly initialised one).",
     )
     command(
         "report",

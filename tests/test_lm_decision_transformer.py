@@ -79,7 +79,9 @@ def test_annealed_weight():
 
 def test_causal_mask_lets_a_token_see_itself_and_the_real_past():
     mask = causal_mask(torch.tensor([[0, 1, 1]]))[0, 0]
-    assert mask.tolist() == [[True, False, False], [False, True, False], [False, True, True]]
+    allowed = [[True, False, False], [False, True, False], [False, True, True]]
+    assert (mask == 0).tolist() == allowed  # additive: 0 to look, the minimum not to
+    assert (mask[~torch.tensor(allowed)] == torch.finfo(torch.float32).min).all()
 
 
 @pytest.fixture
@@ -165,7 +167,8 @@ def test_alignment_loss_trains_and_fades(built, hopper_dataset):
         TrajectoryMiniBatch.from_partial_trajectories(trajectories), device="cpu:0"
     )
     impl = built.impl
-    early, late = impl.losses(batch, 0), impl.losses(batch, 10**6)
+    with torch.no_grad():
+        early, late = impl.losses(batch, 0), impl.losses(batch, 10**6)
     assert "cos_loss" in early and -1.0 <= float(early["cos_loss"]) <= 1.0
     weight = annealed_weight(0.1, 0, 5000)
     assert float(early["loss"]) == pytest.approx(
@@ -191,3 +194,42 @@ def test_settings_are_checked(tiny_lm, hopper_dataset):
     dt = config(tiny_lm, context_size=30).create()  # the tiny LM has 64 positions
     with pytest.raises(ConfigError, match=r"90 tokens.*64 positions.*context_size <= 21"):
         dt.build_with_dataset(hopper_dataset)
+
+
+def test_random_initialisation_is_the_same_architecture_trained_whole(tiny_lm, hopper_dataset):
+    with pytest.raises(ConfigError, match="trains whole"):
+        config(tiny_lm, pretrained=False, tuning="lora")
+    dt = config(tiny_lm, pretrained=False).create()
+    quiet_fit(dt, hopper_dataset, 2)
+    body = dt.impl.modules.transformer.body
+    pretrained = language_model(tiny_lm).model.state_dict()
+    random = body.random_body.state_dict()
+    assert random.keys() == pretrained.keys()
+    assert not torch.equal(
+        random["encoder.layer.0.output.dense.weight"],
+        pretrained["encoder.layer.0.output.dense.weight"],
+    )
+
+
+def test_attention_maps_are_causal_distributions_and_drawn(tiny_lm, hopper_dataset, tmp_path):
+    from lmencoders.attention import attention_maps, draw_attention
+    from lmencoders.cli import main
+
+    data = tmp_path / "Hopper-v5-low-4-train.npz"
+    arrays = __import__("conftest").neorl_arrays(4, steps=20)
+    np.savez(data, **arrays)
+    folders = []
+    for pretrained in (True, False):
+        dt = config(tiny_lm, pretrained=pretrained, cos_weight=0.0).create()
+        quiet_fit(dt, lmencoders.load_dataset(data).buffer, 2)
+        folders.append(lmencoders.save_model(dt, tmp_path / f"dt-{pretrained}"))
+    maps = attention_maps(folders[0], data, trajectory=1, start=2)
+    assert maps.labels[:3] == ["R3", "s3", "a3"] and len(maps.labels) == 12
+    for layer in maps.layers:
+        np.testing.assert_allclose(layer.sum(-1), 1.0, atol=1e-5)
+        assert np.allclose(np.triu(layer, k=1), 0.0)  # nothing attends to the future
+    png = draw_attention([maps, attention_maps(folders[1], data)], tmp_path / "a.png")
+    assert png.stat().st_size > 10_000
+    out = tmp_path / "cli.png"
+    args = ["attention", *map(str, folders), "--dataset", str(data), "--out", str(out)]
+    assert main(args) == 0 and out.stat().st_size > 10_000

@@ -70,6 +70,8 @@ class LMDecisionTransformerConfig(TransformerConfig):
 
     Args:
         model: Hugging Face name or local directory (default: the shipped MiniLM).
+        pretrained: ``False``: the same architecture from random weights (tuning ``full``),
+            the baseline that tells what the pretrained weights add.
         tuning: ``full``, ``lora``, ``ln_embed`` or ``frozen`` (what of the LM trains).
         lora_rank, lora_alpha: LoRA settings (LaMo: 16, 32).
         projection: ``linear`` (Reid et al.) or ``mlp`` (LaMo) input projections.
@@ -86,6 +88,7 @@ class LMDecisionTransformerConfig(TransformerConfig):
     batch_size: int = 64
     learning_rate: float = 1e-4
     model: str = DEFAULT_MODEL
+    pretrained: bool = True
     tuning: str = "full"
     lora_rank: int = 16
     lora_alpha: int = 32
@@ -106,6 +109,11 @@ class LMDecisionTransformerConfig(TransformerConfig):
         if self.tuning not in TUNING_MODES:
             raise ConfigError(
                 f"unknown tuning {self.tuning!r}; choose one of {sorted(TUNING_MODES)}"
+            )
+        if not self.pretrained and self.tuning != "full":
+            raise ConfigError(
+                f"a randomly initialised body trains whole: tuning must be 'full', got "
+                f"{self.tuning!r}"
             )
         if self.projection not in PROJECTIONS:
             raise ConfigError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
@@ -131,7 +139,7 @@ class LMDecisionTransformer(
     def inner_create_impl(self, observation_shape: Shape, action_size: int) -> None:
         config = self._config
         tuning = make_tuning(config.tuning, rank=config.lora_rank, alpha=config.lora_alpha)
-        body = LanguageBody(config.model, tuning)
+        body = LanguageBody(config.model, tuning, pretrained=config.pretrained)
         tokens = 3 * config.context_size
         if body.max_positions and tokens > body.max_positions:
             raise ConfigError(

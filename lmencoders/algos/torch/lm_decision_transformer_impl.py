@@ -22,7 +22,7 @@ from d3rlpy.types import Shape
 from torch import nn
 
 from ...alignment import annealed_weight, cosine_alignment_loss
-from ...backbone import LanguageModel, TuningMode, language_model
+from ...backbone import Frozen, LanguageModel, TuningMode, language_model
 from ...errors import ModelMismatchError
 
 __all__ = [
@@ -43,20 +43,29 @@ def _unmangle(name: str) -> str:
 
 
 class LanguageBody(nn.Module):
-    """The shared pretrained body, fed input embeddings under a given attention mask.
+    """The shared pretrained body, fed input embeddings and read causally.
 
     Holds only what its tuning mode trains. The word-embedding matrix is left out in every
-    mode: inputs arrive as embeddings, so it is never read (and would dominate a checkpoint)."""
+    mode: inputs arrive as embeddings, so it is never read (and would dominate a checkpoint).
+    With ``pretrained=False`` the same architecture starts from random weights (the baseline
+    that tells what pretraining adds); that body is trained whole and is the module's own."""
 
-    def __init__(self, model: str, tuning: TuningMode) -> None:
+    def __init__(self, model: str, tuning: TuningMode, pretrained: bool = True) -> None:
         super().__init__()
-        self.model_name, self.tuning = model, tuning
-        lm = language_model(model, tuning)
+        self.model_name, self.tuning, self.pretrained = model, tuning, pretrained
+        lm = language_model(model, tuning if pretrained else Frozen())
         self.hidden_size = lm.hidden_size
         self.max_positions = int(getattr(lm.model.config, "max_position_embeddings", 0) or 0)
-        digest = bytes.fromhex(lm.weights_sha256)
-        self.register_buffer("lm_weights_sha256", torch.tensor(list(digest), dtype=torch.uint8))
-        names = [n for n in tuning.trainable_names(lm.model) if n != lm.input_embedding_name]
+        self.random_body: nn.Module | None = None
+        names: list[str] = []
+        if pretrained:
+            digest = bytes.fromhex(lm.weights_sha256)
+            self.register_buffer("lm_weights_sha256", torch.tensor(list(digest), dtype=torch.uint8))
+            names = [n for n in tuning.trainable_names(lm.model) if n != lm.input_embedding_name]
+        else:
+            import transformers
+
+            self.random_body = transformers.AutoModel.from_config(lm.model.config).float()
         self.lm_parameters = nn.ParameterDict(
             {
                 _mangle(n): nn.Parameter(t.detach().clone())
@@ -67,28 +76,54 @@ class LanguageBody(nn.Module):
     def body(self, device: torch.device) -> LanguageModel:
         return language_model(self.model_name, self.tuning, device)
 
+    def _run(self, inputs: dict[str, Any]) -> Any:
+        if self.random_body is not None:
+            return self.random_body(**inputs)
+        lm = self.body(inputs["inputs_embeds"].device)
+        parameters = {_unmangle(k): v for k, v in self.lm_parameters.items()}
+        if parameters:
+            return torch.func.functional_call(lm.model, parameters, args=(), kwargs=inputs)
+        return lm.model(**inputs)
+
+    @staticmethod
+    def _inputs(embeddings: torch.Tensor, keep: torch.Tensor) -> dict[str, Any]:
+        return {
+            "inputs_embeds": embeddings,
+            "attention_mask": causal_mask(keep, embeddings.dtype),
+            "position_ids": (keep.long().cumsum(-1) - 1).clamp_min(0),
+        }
+
     def forward(self, embeddings: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Last hidden states ``(B, L, H)`` of ``embeddings`` ``(B, L, H)`` read causally;
         ``keep`` (B, L) marks real tokens. Positions count real tokens only, so a window
         padded at the front reads as the same window unpadded."""
-        lm = self.body(embeddings.device)
-        inputs = {
-            "inputs_embeds": embeddings,
-            "attention_mask": causal_mask(keep),
-            "position_ids": (keep.long().cumsum(-1) - 1).clamp_min(0),
-        }
-        parameters = {_unmangle(k): v for k, v in self.lm_parameters.items()}
-        if parameters:
-            out = torch.func.functional_call(lm.model, parameters, args=(), kwargs=inputs)
-        else:
-            out = lm.model(**inputs)
-        return out.last_hidden_state
+        return self._run(self._inputs(embeddings, keep)).last_hidden_state
+
+    @torch.no_grad()
+    def attentions(self, embeddings: torch.Tensor, keep: torch.Tensor) -> list[torch.Tensor]:
+        """Attention probabilities ``(B, heads, L, L)`` of every layer (eager attention for
+        the call: fused kernels do not return them)."""
+        model = (
+            self.random_body if self.random_body is not None else self.body(embeddings.device).model
+        )
+        previous = model.config._attn_implementation
+        model.set_attn_implementation("eager")
+        try:
+            return list(
+                self._run({**self._inputs(embeddings, keep), "output_attentions": True}).attentions
+            )
+        finally:
+            model.set_attn_implementation(previous)
 
     def _load_from_state_dict(
         self, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
         saved = state_dict.get(prefix + "lm_weights_sha256")
-        if saved is not None and not torch.equal(saved.cpu(), self.lm_weights_sha256.cpu()):
+        if (
+            saved is not None
+            and self.pretrained
+            and not torch.equal(saved.cpu(), self.lm_weights_sha256.cpu())
+        ):
             raise ModelMismatchError(
                 f"checkpoint was trained on LM weights sha256 {bytes(saved.tolist()).hex()}, "
                 f"but {self.model_name!r} loaded now has "
@@ -97,13 +132,17 @@ class LanguageBody(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def causal_mask(keep: torch.Tensor) -> torch.Tensor:
-    """``(B, 1, L, L)``: each token sees itself and the earlier tokens that ``keep`` (B, L)
-    marks real; seeing itself keeps padded rows finite (their outputs are never used)."""
+def causal_mask(keep: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive ``(B, 1, L, L)`` mask: 0 where a token may look (itself and the earlier tokens
+    that ``keep`` (B, L) marks real), the dtype's minimum elsewhere. Additive, not boolean:
+    Hugging Face's eager attention reads a boolean 4-D mask as numbers. Seeing itself keeps
+    padded rows finite (their outputs are never used)."""
     length = keep.shape[1]
     lower = torch.tril(torch.ones(length, length, dtype=torch.bool, device=keep.device))
     eye = torch.eye(length, dtype=torch.bool, device=keep.device)
-    return ((lower & keep.bool()[:, None, :]) | eye)[:, None]
+    allowed = ((lower & keep.bool()[:, None, :]) | eye)[:, None]
+    blocked = torch.zeros(allowed.shape, dtype=dtype, device=keep.device)
+    return blocked.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def _projection(in_size: int, out_size: int, kind: str) -> nn.Module:
@@ -152,6 +191,23 @@ class PretrainedDecisionTransformer(nn.Module):
     ) -> torch.Tensor:
         """Actions ``(B, T, A)`` predicted at every state token; ``attention_mask`` (B, T) is
         1 for real steps (d3rlpy pads windows at the front)."""
+        h, keep = self.tokens(x, action, return_to_go, timesteps, attention_mask)
+        if not self.training:  # acting: the last action is the one being predicted
+            h, keep = h[:, :-1], keep[:, :-1]
+        self.last_inputs = h
+        out = self.body(self.dropout(h), keep)
+        return torch.tanh(self.head(out[:, 1::3]))
+
+    def tokens(
+        self,
+        x: torch.Tensor,
+        action: torch.Tensor,
+        return_to_go: torch.Tensor,
+        timesteps: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalised token embeddings ``(B, 3T, H)`` (R_1, s_1, a_1, R_2...) and which
+        of them are real ``(B, 3T)``."""
         batch, steps, _ = return_to_go.shape
         states = self.encoder(x.reshape(batch * steps, *x.shape[2:])).reshape(batch, steps, -1)
         tokens = [
@@ -164,13 +220,7 @@ class PretrainedDecisionTransformer(nn.Module):
             tokens = [t + position for t in tokens]
         # (B, T, 3, H) -> (B, 3T, H): R_1, s_1, a_1, R_2, ...
         h = torch.stack(tokens, dim=2).reshape(batch, 3 * steps, -1)
-        keep = attention_mask.repeat_interleave(3, dim=1)
-        if not self.training:  # acting: the last action is the one being predicted
-            h, keep = h[:, :-1], keep[:, :-1]
-        h = self.embed_norm(h)
-        self.last_inputs = h
-        out = self.body(self.dropout(h), keep)
-        return torch.tanh(self.head(out[:, 1::3]))
+        return self.embed_norm(h), attention_mask.repeat_interleave(3, dim=1)
 
 
 @dataclasses.dataclass(frozen=True)
