@@ -1,0 +1,205 @@
+"""Does a pretrained LM help a Decision Transformer here? (Reid et al. 2022, CPU-sized.)
+
+Variants, same data, same context and batch, same seeds:
+
+- ``dt``: d3rlpy's own Decision Transformer, randomly initialised, sized like the LM
+  (6 layers, 12 heads, 384 wide: all-MiniLM-L6-v2's shape);
+- ``random``: the LM Decision Transformer's architecture from random weights;
+- ``pretrained``: the same, initialised from MiniLM (full fine-tuning, as Reid et al.);
+- ``pretrained+cos``: plus the alignment loss L_cos (K-means over MiniLM's vocabulary);
+- ``lora``: pretrained with LoRA (LaMo).
+
+Each run evaluates every ``--eval-every`` steps (return vs gradient steps and vs wall-clock:
+faster convergence is half of Reid et al.'s claim) and leaves a JSON in ``<out>/runs``; a
+finished run is skipped, so the comparison can be run in parts (``--time-budget``).
+
+    python benchmarks/lm_decision_transformer.py --out results/lm-decision-transformer \\
+        --datasets lmencoders/data/Hopper-v5-medium-30-train.npz \\
+                   lmencoders/data/Hopper-v5-high-30-train.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import d3rlpy
+import numpy as np
+
+import lmencoders
+from lmencoders.alignment import language_centroids
+from lmencoders.backbone import language_model
+from lmencoders.datasets import load_dataset
+from lmencoders.envs import make_env
+from lmencoders.statistics import curve_band
+
+VARIANTS = ("dt", "random", "pretrained", "pretrained+cos", "lora")
+
+
+def build(variant: str, args: argparse.Namespace) -> d3rlpy.base.LearnableBase:
+    common = dict(
+        context_size=args.context, batch_size=args.batch_size, max_timestep=1000,
+        learning_rate=args.learning_rate,
+        reward_scaler=d3rlpy.preprocessing.MultiplyRewardScaler(args.reward_scale),
+    )  # fmt: skip
+    if variant == "dt":
+        return d3rlpy.algos.DecisionTransformerConfig(
+            encoder_factory=d3rlpy.models.VectorEncoderFactory(hidden_units=[384]),
+            num_heads=12, num_layers=6, position_encoding_type=d3rlpy.PositionEncodingType.SIMPLE,
+            optim_factory=d3rlpy.optimizers.AdamWFactory(
+                weight_decay=1e-4, clip_grad_norm=0.25,
+                lr_scheduler_factory=d3rlpy.optimizers.WarmupSchedulerFactory(args.warmup),
+            ),
+            **common,
+        ).create()  # fmt: skip
+    lm = dict(
+        model=args.model, cos_weight=0.1 if variant == "pretrained+cos" else 0.0,
+        pretrained=variant != "random", tuning="lora" if variant == "lora" else "full",
+        cos_anneal_steps=args.steps // 2,
+        optim_factory=d3rlpy.optimizers.AdamWFactory(
+            weight_decay=1e-4, clip_grad_norm=0.25,
+            lr_scheduler_factory=d3rlpy.optimizers.WarmupSchedulerFactory(args.warmup),
+        ),
+    )  # fmt: skip
+    return lmencoders.LMDecisionTransformerConfig(**lm, **common).create()
+
+
+def run(dataset_path: str, variant: str, seed: int, args: argparse.Namespace) -> dict:
+    dataset = load_dataset(dataset_path)
+    if variant == "pretrained+cos":  # K-means once, cached, outside the timed training
+        language_centroids(language_model(args.model), 1000)
+    d3rlpy.seed(seed)
+    algo = build(variant, args)
+    returns = [e.rewards.sum() for e in dataset.buffer.episodes]
+    target = float(np.max(returns)) * args.target_scale
+    env = make_env(dataset.env or "Hopper-v5")
+    curve: list[dict] = []
+    started = time.perf_counter()
+    evaluation_seconds = 0.0
+
+    def evaluate(algo: d3rlpy.base.LearnableBase, epoch: int, step: int) -> None:
+        nonlocal evaluation_seconds
+        if step % args.eval_every:
+            return
+        began = time.perf_counter()
+        env.reset(seed=10_000 * seed)
+        score = d3rlpy.metrics.evaluate_transformer_with_environment(
+            algo.as_stateful_wrapper(target_return=target), env, n_trials=args.episodes
+        )
+        evaluation_seconds += time.perf_counter() - began
+        seconds = time.perf_counter() - started - evaluation_seconds
+        curve.append({"step": step, "train_seconds": seconds, "return": float(score)})
+        print(
+            f"{variant} seed {seed} step {step}: return {score:.1f} ({seconds:.0f} s)", flush=True
+        )
+
+    algo.fit(
+        dataset.buffer, n_steps=args.steps, n_steps_per_epoch=args.steps, show_progress=False,
+        save_interval=10**9, logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
+        callback=evaluate,
+    )  # fmt: skip
+    return {
+        "dataset": Path(dataset_path).stem, "variant": variant, "seed": seed,
+        "target_return": target, "curve": curve, "final_return": curve[-1]["return"],
+        "train_seconds": curve[-1]["train_seconds"],
+    }  # fmt: skip
+
+
+def write_markdown(out: Path, runs: list[dict], args: argparse.Namespace, command: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [
+        "# Decision Transformers from a pretrained LM: CPU-sized comparison",
+        "",
+        f"Generated by `benchmarks/lm_decision_transformer.py`:\n\n```\n{command}\n```",
+        "",
+        f"{args.steps} gradient steps, context {args.context}, batch {args.batch_size}, "
+        f"evaluation every {args.eval_every} steps over {args.episodes} episodes, target "
+        f"return {args.target_scale} x the data's best. Seconds are training time only.",
+        "",
+        "| dataset | variant | seeds | final return (mean +- std) | train s per run |",
+        "|---|---|---|---|---|",
+    ]
+    for dataset in sorted({r["dataset"] for r in runs}):
+        figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+        for variant in VARIANTS:
+            group = [r for r in runs if r["dataset"] == dataset and r["variant"] == variant]
+            if not group:
+                continue
+            final = np.array([r["final_return"] for r in group])
+            seconds = np.mean([r["train_seconds"] for r in group])
+            lines.append(
+                f"| {dataset} | {variant} | {len(group)} | {final.mean():.1f} +- {final.std():.1f} "
+                f"| {seconds:.0f} |"
+            )
+            length = min(len(r["curve"]) for r in group)
+            values = np.array([[p["return"] for p in r["curve"][:length]] for r in group])
+            steps = [p["step"] for p in group[0]["curve"][:length]]
+            wall = np.mean([[p["train_seconds"] for p in r["curve"][:length]] for r in group], 0)
+            mean, low, high = curve_band(values)
+            for axis, x in ((by_step, steps), (by_time, wall)):
+                axis.plot(x, mean, label=f"{variant} ({len(group)} seeds)")
+                axis.fill_between(x, low, high, alpha=0.15)
+        by_step.set_xlabel("gradient steps")
+        by_time.set_xlabel("training seconds (2-core CPU)")
+        for axis in (by_step, by_time):
+            axis.set_ylabel("evaluation return")
+            axis.legend(fontsize=8)
+        figure.suptitle(dataset)
+        figure.tight_layout()
+        figure.savefig(out / f"curves-{dataset}.png", dpi=110)
+        plt.close(figure)
+        lines.append("")
+        lines.append(f"![{dataset}](curves-{dataset}.png)")
+        lines.append("")
+    (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", nargs="+", required=True)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--model", default=lmencoders.DEFAULT_MODEL)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--episodes", type=int, default=5)
+    # Reid et al. use context 20, batch 64: ~2 s a full-tuning step on 2 CPU cores; these
+    # keep a run of 3,000 steps within ~20 minutes there
+    parser.add_argument("--context", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--warmup", type=int, default=500)
+    parser.add_argument("--reward-scale", type=float, default=0.001)
+    parser.add_argument("--target-scale", type=float, default=1.2)
+    parser.add_argument("--time-budget", type=float, default=None, help="seconds; then stop")
+    parser.add_argument("--out", default="results/lm-decision-transformer")
+    args = parser.parse_args()
+    out = Path(args.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    for dataset in args.datasets:
+        for seed in args.seeds:
+            for variant in args.variants:
+                done = out / "runs" / f"{Path(dataset).stem}-{variant}-seed{seed}.json"
+                if done.is_file():
+                    continue
+                if args.time_budget and time.perf_counter() - started > args.time_budget:
+                    print("time budget spent: the rest is left for a later part")
+                    break
+                done.write_text(json.dumps(run(dataset, variant, seed, args), indent=1))
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    command = "python " + shlex.join(["benchmarks/lm_decision_transformer.py", *sys.argv[1:]])
+    write_markdown(out, runs, args, command)
+    print(f"wrote {out / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    main()
