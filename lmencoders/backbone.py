@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checks import optional_positive
-from .errors import ConfigError, ModelNotFoundError, UnreachableTokenError
+from .errors import ConfigError, ModelMismatchError, ModelNotFoundError, UnreachableTokenError
 from .tokens import Chunks, length_buckets, tokenize_texts
 
 if TYPE_CHECKING:
@@ -42,6 +42,10 @@ __all__ = [
     "POOLING_NAMES",
     "make_tuning",
     "language_model",
+    "trainable_copies",
+    "by_body_name",
+    "weights_digest",
+    "check_weights_digest",
 ]
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -581,6 +585,37 @@ def language_model(
                 name, plain.path, plain.tokenizer, body.to(device), plain.weights_sha256
             )
         return _BODIES[key]
+
+
+# --------------------------------------------------------------------------- trained tensors
+# A module that tunes the LM owns copies of only the tensors it trains (a ParameterDict, whose
+# keys cannot hold dots) and a digest of the body's weights, checked when a checkpoint loads.
+
+
+def trainable_copies(tensors: dict[str, torch.Tensor]) -> nn.ParameterDict:
+    """Trainable copies of body tensors, keyed by their body names (dots as ``__``)."""
+    return nn.ParameterDict(
+        {name.replace(".", "__"): nn.Parameter(t.detach().clone()) for name, t in tensors.items()}
+    )
+
+
+def by_body_name(parameters: nn.ParameterDict) -> dict[str, torch.Tensor]:
+    """The copies under their body names, as ``functional_call`` takes them."""
+    return {key.replace("__", "."): value for key, value in parameters.items()}
+
+
+def weights_digest(lm: LanguageModel) -> torch.Tensor:
+    """The sha256 of the body's weights as a uint8 tensor (a buffer, saved in checkpoints)."""
+    return torch.tensor(list(bytes.fromhex(lm.weights_sha256)), dtype=torch.uint8)
+
+
+def check_weights_digest(saved: torch.Tensor | None, current: torch.Tensor, model: str) -> None:
+    """Refuse a checkpoint trained on other LM weights than ``model`` has now."""
+    if saved is not None and not torch.equal(saved.cpu(), current.cpu()):
+        raise ModelMismatchError(
+            f"checkpoint was trained with LM weights sha256 {bytes(saved.tolist()).hex()} "
+            f"but LM {model!r} loaded now has {bytes(current.tolist()).hex()}"
+        )
 
 
 def clear_loaded_models() -> None:

@@ -43,28 +43,24 @@ from .backbone import (
     TUNING_MODES,
     LanguageModel,
     TuningMode,
+    by_body_name,
     check_precision,
+    check_weights_digest,
     language_model,
     make_tuning,
+    trainable_copies,
+    weights_digest,
 )
 from .cache import default_cache_dir
 from .checks import optional_positive, positive
 from .datasets import replay_buffer_observations
 from .description import StateDescription, as_description_field, load_description
-from .errors import ConfigError, ModelMismatchError
+from .errors import ConfigError
 from .features import PrecomputeReport, frozen_features, precompute_features
 from .readout import PieceReadout
 from .tokens import reachable_token_ids
 
 __all__ = ["LMEncoderFactory", "LMEncoder", "LMEncoderWithAction", "TextFeatures"]
-
-
-def _mangle(name: str) -> str:
-    return name.replace(".", "__")
-
-
-def _unmangle(name: str) -> str:
-    return name.replace("__", ".")
 
 
 class TextFeatures(nn.Module):
@@ -95,8 +91,7 @@ class TextFeatures(nn.Module):
         self.observation_scaler = observation_scaler
         lm = language_model(model, tuning)
         self.output_size = lm.hidden_size
-        digest = bytes.fromhex(lm.weights_sha256)
-        self.register_buffer("lm_weights_sha256", torch.tensor(list(digest), dtype=torch.uint8))
+        self.register_buffer("lm_weights_sha256", weights_digest(lm))
         # Only the tensors this tuning mode trains, initialised from the shared body.
         trained = lm.named_tensors(tuning.trainable_names(lm.model))
         self._embedding_name: str | None = None
@@ -105,9 +100,7 @@ class TextFeatures(nn.Module):
             rows = torch.from_numpy(_reachable_rows(lm, description))
             self.register_buffer("lm_embedding_rows", rows)
             trained[self._embedding_name] = trained[self._embedding_name][rows]
-        self.lm_parameters = nn.ParameterDict(
-            {_mangle(n): nn.Parameter(t.detach().clone()) for n, t in trained.items()}
-        )
+        self.lm_parameters = trainable_copies(trained)
         self._frozen = (
             None
             if tuning.trains_lm
@@ -179,7 +172,7 @@ class TextFeatures(nn.Module):
         """The shared body, this encoder's trained LM tensors by name, and (ln_embed) the
         embedding rows they cover."""
         lm = language_model(self.model_name, self.tuning, device)
-        parameters = {_unmangle(k): v for k, v in self.lm_parameters.items()}
+        parameters = by_body_name(self.lm_parameters)
         vocabulary = None
         if self._embedding_name is not None:
             rows = self.lm_embedding_rows
@@ -218,12 +211,7 @@ class TextFeatures(nn.Module):
         self, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
         saved = state_dict.get(prefix + "lm_weights_sha256")
-        if saved is not None and not torch.equal(saved.cpu(), self.lm_weights_sha256.cpu()):
-            raise ModelMismatchError(
-                f"checkpoint was trained with LM weights sha256 {bytes(saved.tolist()).hex()} "
-                f"but LM {self.model_name!r} loaded now has "
-                f"{bytes(self.lm_weights_sha256.tolist()).hex()}"
-            )
+        check_weights_digest(saved, self.lm_weights_sha256, self.model_name)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

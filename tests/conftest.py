@@ -111,6 +111,18 @@ def tiny_lm(tmp_path_factory) -> str:
     return str(make_tiny_lm(tmp_path_factory.mktemp("lm") / "tiny-bert"))
 
 
+def quiet_fit(algo, dataset, steps: int = 4) -> None:
+    """``algo.fit`` for a few steps: one epoch, no progress bar, logs or checkpoints."""
+    algo.fit(
+        dataset,
+        n_steps=steps,
+        n_steps_per_epoch=steps,
+        show_progress=False,
+        save_interval=10**9,
+        logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
+    )
+
+
 def hopper_rollouts(episodes: int = 4, steps: int = 30, seed: int = 0):
     """Real Hopper-v5 (NeoRL layout) transitions under a uniform random policy."""
     env = gym.make("Hopper-v5", exclude_current_positions_from_observation=False)

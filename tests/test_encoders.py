@@ -8,6 +8,7 @@ import d3rlpy
 import numpy as np
 import pytest
 import torch
+from conftest import quiet_fit
 
 import lmencoders
 from lmencoders import DescriptionError, LMEncoderFactory, ModelMismatchError
@@ -41,15 +42,7 @@ def factory_for(tiny_lm: str, tuning: str = "frozen", **kwargs) -> LMEncoderFact
     return LMEncoderFactory(**(settings | kwargs))
 
 
-def fit(algo, dataset, steps: int = 4) -> None:
-    algo.fit(
-        dataset,
-        n_steps=steps,
-        n_steps_per_epoch=steps,
-        show_progress=False,
-        save_interval=10**6,
-        logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
-    )
+fit = quiet_fit
 
 
 def checkpoint_state(algo) -> dict[str, torch.Tensor]:

@@ -7,24 +7,13 @@ import d3rlpy
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_lm
+from conftest import make_tiny_lm, neorl_arrays, quiet_fit
 
 import lmencoders
 from lmencoders.algos.torch.lm_decision_transformer_impl import causal_mask
 from lmencoders.alignment import annealed_weight, cosine_alignment_loss, language_centroids
 from lmencoders.backbone import language_model
 from lmencoders.errors import ConfigError, ModelMismatchError
-
-
-def quiet_fit(algo, dataset, steps: int) -> None:
-    algo.fit(
-        dataset,
-        n_steps=steps,
-        n_steps_per_epoch=steps,
-        show_progress=False,
-        save_interval=10**9,
-        logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
-    )
 
 
 def config(tiny_lm: str, **overrides) -> lmencoders.LMDecisionTransformerConfig:
@@ -216,8 +205,7 @@ def test_attention_maps_are_causal_distributions_and_drawn(tiny_lm, hopper_datas
     from lmencoders.cli import main
 
     data = tmp_path / "Hopper-v5-low-4-train.npz"
-    arrays = __import__("conftest").neorl_arrays(4, steps=20)
-    np.savez(data, **arrays)
+    np.savez(data, **neorl_arrays(4, steps=20))
     folders = []
     for pretrained in (True, False):
         dt = config(tiny_lm, pretrained=pretrained, cos_weight=0.0).create()

@@ -363,7 +363,7 @@ def test_relabel_puts_each_verdict_on_the_last_transition(tmp_path, dataset, mon
     assert record["counts"] == {"yes": yes, "no": len(bounds) - yes}
     written = (tmp_path / "out.json").read_text()
     assert "sk-never-written" not in written and "OPENAI_API_KEY" in written
-    assert json.loads(written)["prompt_example"] == server.prompts()[0]
+    assert json.loads(written)["prompt_example"] in server.prompts()  # sent as recorded
 
 
 def test_relabel_adds_or_keeps_the_original_rewards(tmp_path, dataset):

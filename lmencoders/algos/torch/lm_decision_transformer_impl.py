@@ -22,8 +22,16 @@ from d3rlpy.types import Shape
 from torch import nn
 
 from ...alignment import annealed_weight, cosine_alignment_loss
-from ...backbone import Frozen, LanguageModel, TuningMode, language_model
-from ...errors import ModelMismatchError
+from ...backbone import (
+    Frozen,
+    LanguageModel,
+    TuningMode,
+    by_body_name,
+    check_weights_digest,
+    language_model,
+    trainable_copies,
+    weights_digest,
+)
 
 __all__ = [
     "LanguageBody",
@@ -32,14 +40,6 @@ __all__ = [
     "LMDecisionTransformerImpl",
     "causal_mask",
 ]
-
-
-def _mangle(name: str) -> str:
-    return name.replace(".", "__")
-
-
-def _unmangle(name: str) -> str:
-    return name.replace("__", ".")
 
 
 class LanguageBody(nn.Module):
@@ -59,19 +59,13 @@ class LanguageBody(nn.Module):
         self.random_body: nn.Module | None = None
         names: list[str] = []
         if pretrained:
-            digest = bytes.fromhex(lm.weights_sha256)
-            self.register_buffer("lm_weights_sha256", torch.tensor(list(digest), dtype=torch.uint8))
+            self.register_buffer("lm_weights_sha256", weights_digest(lm))
             names = [n for n in tuning.trainable_names(lm.model) if n != lm.input_embedding_name]
         else:
             import transformers
 
             self.random_body = transformers.AutoModel.from_config(lm.model.config).float()
-        self.lm_parameters = nn.ParameterDict(
-            {
-                _mangle(n): nn.Parameter(t.detach().clone())
-                for n, t in lm.named_tensors(names).items()
-            }
-        )
+        self.lm_parameters = trainable_copies(lm.named_tensors(names))
 
     def body(self, device: torch.device) -> LanguageModel:
         return language_model(self.model_name, self.tuning, device)
@@ -80,7 +74,7 @@ class LanguageBody(nn.Module):
         if self.random_body is not None:
             return self.random_body(**inputs)
         lm = self.body(inputs["inputs_embeds"].device)
-        parameters = {_unmangle(k): v for k, v in self.lm_parameters.items()}
+        parameters = by_body_name(self.lm_parameters)
         if parameters:
             return torch.func.functional_call(lm.model, parameters, args=(), kwargs=inputs)
         return lm.model(**inputs)
@@ -118,17 +112,9 @@ class LanguageBody(nn.Module):
     def _load_from_state_dict(
         self, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
-        saved = state_dict.get(prefix + "lm_weights_sha256")
-        if (
-            saved is not None
-            and self.pretrained
-            and not torch.equal(saved.cpu(), self.lm_weights_sha256.cpu())
-        ):
-            raise ModelMismatchError(
-                f"checkpoint was trained on LM weights sha256 {bytes(saved.tolist()).hex()}, "
-                f"but {self.model_name!r} loaded now has "
-                f"{bytes(self.lm_weights_sha256.tolist()).hex()}"
-            )
+        if self.pretrained:
+            saved = state_dict.get(prefix + "lm_weights_sha256")
+            check_weights_digest(saved, self.lm_weights_sha256, self.model_name)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
