@@ -44,6 +44,9 @@ from lmencoders.saving import load_model
 from lmencoders.train import TrainConfig, train
 
 DATA = Path(__file__).resolve().parents[1] / "lmencoders" / "data"
+# A label alone on the last step is a sparse reward next to Hopper's ~1 per step; added to the
+# original rewards at this weight it is about as large as a trajectory's whole return.
+ADDED = 100.0
 TASK = (
     "A one-legged robot (Hopper) hops forward along the x axis. An outcome gives its state "
     "at the start and at the end of an episode, the change of each value, and the lowest and "
@@ -195,14 +198,21 @@ def measure_judge(
     return result
 
 
-def truth_dataset(goal: Goal, data_path: Path, work: Path, truth: np.ndarray) -> Path:
+def truth_dataset(
+    goal: Goal, data_path: Path, work: Path, truth: np.ndarray, added_to_original: float = 0.0
+) -> Path:
+    """The true labels as rewards on each trajectory's last step (Kwon et al.); with
+    ``added_to_original``, that many times the label added to the original rewards."""
     data = read_neorl_file(data_path)
     reward = np.zeros_like(data.reward)
     for span, value in zip(trajectory_spans(data), truth):
         reward[span.end - 1] = float(value)
-    return write_neorl_file(
-        work / "relabelled" / f"{goal.name}-truth.npz", dataclasses.replace(data, reward=reward)
-    )
+    name = f"{goal.name}-truth.npz"
+    if added_to_original:
+        reward = data.reward + added_to_original * reward
+        name = f"{goal.name}-truth-added-{added_to_original:g}.npz"
+    relabelled = dataclasses.replace(data, reward=reward)
+    return write_neorl_file(work / "relabelled" / name, relabelled)
 
 
 def train_and_score(
@@ -290,6 +300,7 @@ def write_markdown(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="results/reward-design")
+    parser.add_argument("--goals", nargs="+", default=[g.name for g in GOALS])
     parser.add_argument("--judges", nargs="+", default=["similarity", "smollm2"])
     parser.add_argument(
         "--train-judges",
@@ -308,14 +319,18 @@ def main() -> None:
     data_path = mixed_dataset(work)
     data = read_neorl_file(data_path)
     judges, agents = [], []
-    for goal in GOALS:
+    for goal in [g for g in GOALS if g.name in args.goals]:
         truth = truths(goal, data)
         print(f"{goal.name}: {truth.sum()} of {len(truth)} trajectories satisfy it", flush=True)
         for judge in judges_run:
             for shots in (0, 1):
                 judges.append(measure_judge(goal, judge, shots, data_path, work, truth))
                 print(json.dumps(judges[-1]), flush=True)
-        sources = {"original": data_path, "truth": truth_dataset(goal, data_path, work, truth)}
+        sources = {
+            "original": data_path,
+            "truth": truth_dataset(goal, data_path, work, truth),
+            f"original + {ADDED:g} x truth": truth_dataset(goal, data_path, work, truth, ADDED),
+        }
         for j in judges:
             if (
                 j["goal"] == goal.name
