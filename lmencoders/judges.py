@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .backbone import DEFAULT_MODEL, _weights_sha256, language_model, resolve_model_path
-from .checks import positive
+from .checks import non_negative, positive
 from .errors import ConfigError, LMEncodersError, ModelNotFoundError
 from .objective import Objective
 from .options import option
@@ -50,6 +50,7 @@ __all__ = [
     "make_judge",
 ]
 
+JUDGE_NAMES = ("similarity", "local", "http")  # the keys of JUDGES, defined below
 Examples = Sequence[tuple[str, str]]  # (outcome text, answer word) pairs
 SIMILARITY_TEMPERATURE = 0.05  # softmax temperature turning cosine similarities into probabilities
 SMOLLM2 = "smollm2"
@@ -71,9 +72,7 @@ class Query:
 class JudgeSettings:
     """How the judge is chosen and reached (the ``--judge*`` options of ``relabel``)."""
 
-    judge: str = option(
-        "similarity", "who judges the outcomes", choices=("similarity", "local", "http")
-    )
+    judge: str = option("similarity", "who judges the outcomes", choices=JUDGE_NAMES)
     judge_model: str | None = option(
         None,
         "similarity: the sentence-embedding LM (default: MiniLM); local: a directory, a cached "
@@ -94,8 +93,7 @@ class JudgeSettings:
             raise ConfigError(f"judge must be one of {sorted(JUDGES)}, got {self.judge!r}")
         for name in ("concurrency", "max_tokens", "judge_batch_size"):
             setattr(self, name, positive(getattr(self, name), name))
-        if self.retries < 0:
-            raise ConfigError(f"retries must be >= 0, got {self.retries}")
+        self.retries = non_negative(self.retries, "retries")
         if not self.timeout > 0:
             raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
         if self.judge == "http" and not (self.judge_url and self.judge_model):
@@ -429,3 +427,6 @@ def graded_reward(verdict: Verdict, rewards: dict[str, float]) -> float | None:
     if not verdict.probabilities:
         return None
     return float(sum(p * rewards[w] for w, p in verdict.probabilities.items()))
+
+
+assert set(JUDGES) == set(JUDGE_NAMES)

@@ -153,6 +153,8 @@ def relabel(config: RelabelConfig, command: str = "") -> dict:
     examples = _examples(objective, description, data, config.ranges)
     queries = [Query(build_prompt(objective, text, examples), text) for text in outcomes]
     judge = make_judge(config, objective, examples)
+    if config.graded and not judge.graded:
+        raise ConfigError(f"--graded needs answer probabilities: the {config.judge} judge has none")
     cache = VerdictCache(Path(config.cache_dir or default_cache_dir()) / "verdicts.sqlite")
     try:
         verdicts, cached = judge_spans(judge, queries, cache, config.judge_batch_size)
