@@ -27,7 +27,7 @@ from .backbone import (
     check_precision,
     language_model,
 )
-from .cache import CacheKey, dataset_sha256, load_features, save_features
+from .cache import CacheKey, dataset_sha256, default_cache_dir, load_features, save_features
 from .checks import optional_positive
 from .description import StateDescription, load_description
 from .errors import ConfigError, FeatureError
@@ -69,7 +69,13 @@ class FrozenFeatures:
         # Per-piece rows are 12-31x larger; float16 keeps them within 3e-4 of float32
         # (benchmarks section 7), so they are stored at half the memory.
         dtype = np.float16 if self.pieces is not None else np.float32
-        self.table = FeatureTable(description.size, self.feature_size, dtype=dtype)
+        # past $LMENCODERS_TABLE_BUDGET the rows live in a mapped file in the cache folder
+        self.table = FeatureTable(
+            description.size,
+            self.feature_size,
+            dtype=dtype,
+            spill_dir=default_cache_dir() / "tables",
+        )
         self._lock = threading.Lock()
         self._recent: list[tuple[torch.Tensor, tuple, torch.Tensor]] = []
         self._scaled: dict[int, tuple[weakref.ref, RowIndex, int]] = {}

@@ -7,9 +7,47 @@ can only ever cause a miss, never a wrong answer.
 
 from __future__ import annotations
 
+import os
+import re
+import tempfile
+from pathlib import Path
+
 import numpy as np
 
-__all__ = ["row_hashes", "float_bits", "RowIndex", "FeatureTable"]
+from .errors import ConfigError
+
+__all__ = ["row_hashes", "float_bits", "RowIndex", "FeatureTable", "table_budget", "TABLE_BUDGET"]
+
+TABLE_BUDGET = "LMENCODERS_TABLE_BUDGET"
+_DEFAULT_BUDGET = 4 << 30  # bytes of feature rows kept in RAM before they go to a mapped file
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+
+def table_budget() -> int:
+    """Bytes of feature rows a table keeps in RAM: ``$LMENCODERS_TABLE_BUDGET`` (a number of
+    bytes, or with K/M/G/T), default 4 GiB. A larger table lives in a memory-mapped file."""
+    text = os.environ.get(TABLE_BUDGET)
+    if not text:
+        return _DEFAULT_BUDGET
+    match = _SIZE.match(text)
+    if match is None:
+        raise ConfigError(f"{TABLE_BUDGET}={text!r}: give bytes, e.g. 2G, 512M or 1000000")
+    unit = match[2].lower()
+    return int(float(match[1]) * 1024 ** ("kmgt".index(unit) + 1 if unit else 0))
+
+
+def _mapped_rows(folder: Path, capacity: int, width: int, dtype: np.dtype) -> np.ndarray:
+    """A zeroed ``(capacity, width)`` array backed by a file in ``folder``. The file is
+    unlinked at once: the mapping keeps it alive, and no process, even one killed, leaves it
+    behind."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="feature-table.", suffix=".tmp", dir=folder)
+    try:
+        os.close(fd)
+        return np.memmap(name, dtype=dtype, mode="w+", shape=(capacity, width))
+    finally:
+        os.unlink(name)
+
 
 _MIX = np.random.default_rng(0x5EED).integers(1, 2**63, size=4096, dtype=np.uint64) | np.uint64(1)
 
@@ -91,8 +129,10 @@ class FeatureTable:
         feature_size: int,
         max_rows: int = 5_000_000,
         dtype: np.dtype | type = np.float32,
+        spill_dir: str | Path | None = None,
     ) -> None:
         self.max_rows = max_rows
+        self.spill_dir = None if spill_dir is None else Path(spill_dir)
         self.index = RowIndex(key_width)
         self._features = np.empty((0, feature_size), dtype=dtype)
         self._raw = np.empty((0, key_width), dtype=np.float32)
@@ -123,9 +163,18 @@ class FeatureTable:
         capacity = max(needed, 2 * len(self._features), 1024)
         for name in ("_features", "_raw"):
             old = getattr(self, name)
-            new = np.empty((capacity, old.shape[1]), dtype=old.dtype)
+            nbytes = capacity * old.shape[1] * old.itemsize
+            if name == "_features" and self.spill_dir is not None and nbytes > table_budget():
+                new = _mapped_rows(self.spill_dir, capacity, old.shape[1], old.dtype)
+            else:
+                new = np.empty((capacity, old.shape[1]), dtype=old.dtype)
             new[: self._size] = old[: self._size]
             setattr(self, name, new)
+
+    @property
+    def mapped(self) -> bool:
+        """Whether the feature rows live in a memory-mapped file (past the RAM budget)."""
+        return isinstance(self._features, np.memmap)
 
     def gather(self, positions: np.ndarray) -> np.ndarray:
         """Feature rows as float32, whatever the storage type."""

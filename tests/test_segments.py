@@ -236,3 +236,47 @@ def test_gradient_attribution_equals_a_direct_computation(tiny_lm):
             expected.append(float(per_token[start : start + count].sum()))
         expected = np.array(expected) / sum(expected)
         assert np.allclose(weights[row], expected, atol=1e-5)
+
+
+def test_a_table_past_the_memory_budget_lives_in_a_mapped_file(
+    tiny_lm, hopper_dataset, monkeypatch, feature_cache_dir
+):
+    """Per-piece rows past $LMENCODERS_TABLE_BUDGET go to a memory-mapped file in the cache
+    folder (unlinked at once: nothing is left behind), and read the same as rows in RAM."""
+    from lmencoders.features import clear_feature_caches, frozen_features
+    from lmencoders.table import table_budget
+
+    obs = np.concatenate([e.observations for e in hopper_dataset.episodes])[:40]
+    in_ram = lmencoders.embed_observations(
+        obs, "hopper", model=tiny_lm, pooling="segments", show_progress=False
+    )
+    clear_feature_caches()
+    monkeypatch.setenv("LMENCODERS_TABLE_BUDGET", "1K")
+    assert table_budget() == 1024
+    mapped = lmencoders.embed_observations(
+        obs, "hopper", model=tiny_lm, pooling="segments", show_progress=False
+    )
+    table = frozen_features(tiny_lm, load_description("hopper"), pooling="segments").table
+    assert table.mapped and len(table) == len(np.unique(obs, axis=0))
+    np.testing.assert_array_equal(mapped, in_ram)
+    assert list((feature_cache_dir / "tables").iterdir()) == []
+    clear_feature_caches()
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [("2G", 2 << 30), ("512 MiB", 512 << 20), ("1000", 1000), ("1.5k", 1536)]
+)
+def test_table_budget_reads_sizes(monkeypatch, text, size):
+    from lmencoders.table import table_budget
+
+    monkeypatch.setenv("LMENCODERS_TABLE_BUDGET", text)
+    assert table_budget() == size
+
+
+def test_a_bad_table_budget_is_a_clear_error(monkeypatch):
+    from lmencoders.errors import ConfigError
+    from lmencoders.table import table_budget
+
+    monkeypatch.setenv("LMENCODERS_TABLE_BUDGET", "lots")
+    with pytest.raises(ConfigError, match="LMENCODERS_TABLE_BUDGET='lots'"):
+        table_budget()
