@@ -138,6 +138,27 @@ def judge_spans(
     return [known[key] for key in keys], cached
 
 
+def _judge_rewards(
+    config: RelabelConfig,
+    objective: Objective,
+    spans: list[Span],
+    verdicts: list[Verdict],
+    answers: list[str | None],
+    data: NeoRLData,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per transition: the judge's reward (on each span's last transition), and where an
+    unparsed reply keeps the original rewards (``--unparseable original``)."""
+    judge_reward = np.zeros(len(data.obs), dtype=np.float32)
+    keep_original = np.zeros(len(data.obs), dtype=bool)
+    for span, verdict, answer in zip(spans, verdicts, answers):
+        if answer is None:
+            keep_original[span.start : span.end] = config.unparseable == "original"
+            continue
+        graded = graded_reward(verdict, objective.answers) if config.graded else None
+        judge_reward[span.end - 1] = objective.answers[answer] if graded is None else graded
+    return judge_reward, keep_original
+
+
 def relabel(config: RelabelConfig, command: str = "") -> dict:
     """Run the relabelling; returns (and writes beside ``config.out``) its record."""
     started = time.perf_counter()
@@ -172,14 +193,7 @@ def relabel(config: RelabelConfig, command: str = "") -> dict:
             f"answers, or choose --unparseable zero|original; the verdicts are cached, so a "
             f"rerun asks the judge nothing again"
         )
-    judge_reward = np.zeros(len(data.obs), dtype=np.float32)
-    keep_original = np.zeros(len(data.obs), dtype=bool)
-    for span, verdict, answer in zip(spans, verdicts, answers):
-        if answer is None:
-            keep_original[span.start : span.end] = config.unparseable == "original"
-            continue
-        graded = graded_reward(verdict, objective.answers) if config.graded else None
-        judge_reward[span.end - 1] = objective.answers[answer] if graded is None else graded
+    judge_reward, keep_original = _judge_rewards(config, objective, spans, verdicts, answers, data)
     original = data.reward.reshape(-1).astype(np.float32)
     if config.rewards == "replace":
         reward = np.where(keep_original, original, judge_reward)
