@@ -76,7 +76,7 @@ class JudgeSettings:
     judge_model: str | None = option(
         None,
         "similarity: the sentence-embedding LM (default: MiniLM); local: a directory, a cached "
-        "Hugging Face name, a .gguf file or smollm2; http: the served model's name",
+        "Hugging Face name, a .gguf file or smollm2 (default); http: the served model's name",
     )
     judge_url: str | None = option(None, "http: base URL of the API, e.g. http://127.0.0.1:8080/v1")
     api_key_env: str = option(
