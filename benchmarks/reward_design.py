@@ -38,7 +38,7 @@ from lmencoders.collect import rollout
 from lmencoders.datasets import NeoRLData, read_neorl_file, write_neorl_file
 from lmencoders.envs import make_env
 from lmencoders.judges import smollm2_file
-from lmencoders.outcomes import trajectory_spans
+from lmencoders.outcomes import span_states, trajectory_spans
 from lmencoders.relabel import RelabelConfig, relabel
 from lmencoders.saving import load_model
 from lmencoders.train import TrainConfig, train
@@ -52,10 +52,6 @@ TASK = (
     "at the start and at the end of an episode, the change of each value, and the lowest and "
     "highest value each took."
 )
-
-
-def _states(data: NeoRLData, start: int, end: int) -> np.ndarray:
-    return np.concatenate([data.obs[start:end], data.next_obs[end - 1][None]])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +77,7 @@ GOALS = [
 
 
 def truths(goal: Goal, data: NeoRLData) -> np.ndarray:
-    return np.array([goal.truth(_states(data, s.start, s.end)) for s in trajectory_spans(data)])
+    return np.array([goal.truth(span_states(data, s)) for s in trajectory_spans(data)])
 
 
 def mixed_dataset(work: Path) -> Path:
@@ -231,9 +227,7 @@ def train_and_score(
         algo, make_env("Hopper-v5"), trajectories=args.episodes, max_steps=1000,
         sample_probability=0.0, seed=50_000 + 100 * seed,
     )  # fmt: skip
-    episodes["index"] = np.concatenate([[0], episodes["index"]]).astype(np.int64)
-    episodes["done"] = episodes["done"].reshape(-1)
-    data = NeoRLData(**episodes)
+    data = NeoRLData.from_stored(episodes)
     satisfied = truths(goal, data)
     record = {
         "goal": goal.name,

@@ -46,6 +46,7 @@ __all__ = [
     "by_body_name",
     "weights_digest",
     "check_weights_digest",
+    "real_token_positions",
 ]
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -585,6 +586,12 @@ def language_model(
                 name, plain.path, plain.tokenizer, body.to(device), plain.weights_sha256
             )
         return _BODIES[key]
+
+
+def real_token_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count only real tokens (``mask`` (B, L) is 1 for them): a sequence
+    padded at the front gets the positions it would have unpadded."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 # --------------------------------------------------------------------------- trained tensors

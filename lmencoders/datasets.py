@@ -123,6 +123,17 @@ class NeoRLData:
     index: np.ndarray
     source: str = ""
 
+    @classmethod
+    def from_stored(cls, arrays: dict[str, np.ndarray], source: str = "") -> NeoRLData:
+        """From arrays as NeoRL stores them (``index`` without its leading 0, as float;
+        ``done`` as a column), e.g. a file's or :func:`lmencoders.collect.rollout`'s."""
+        stored = dict(arrays)
+        stored["index"] = np.concatenate([[0], np.asarray(stored["index"]).reshape(-1)]).astype(
+            np.int64
+        )
+        stored["done"] = np.asarray(stored["done"]).reshape(-1).astype(bool)
+        return cls(**{k: stored[k] for k in KEYS}, source=source)
+
     @property
     def num_trajectories(self) -> int:
         return len(self.index)
@@ -191,12 +202,10 @@ def read_neorl_file(path: str | Path, verify: bool = True) -> NeoRLData:
             f"{path}: 'reward' must have shape (N, 1), got {arrays['reward'].shape}"
         )
     _refuse_non_finite(str(path), {k: arrays[k] for k in ("obs", "next_obs", "action", "reward")})
-    index = np.concatenate([[0], arrays["index"].reshape(-1)]).astype(np.int64)
-    if (np.diff(index) <= 0).any() or index[-1] >= max(n, 1):
+    data = NeoRLData.from_stored(arrays, str(path))
+    if (np.diff(data.index) <= 0).any() or data.index[-1] >= max(n, 1):
         raise DatasetFileError(f"{path}: 'index' is not increasing within 0..{n - 1}")
-    arrays["index"] = index
-    arrays["done"] = arrays["done"].reshape(-1).astype(bool)
-    return NeoRLData(**arrays, source=str(path))
+    return data
 
 
 def write_neorl_file(

@@ -31,7 +31,13 @@ from typing import Any
 
 import torch
 
-from .backbone import DEFAULT_MODEL, _weights_sha256, language_model, resolve_model_path
+from .backbone import (
+    DEFAULT_MODEL,
+    _weights_sha256,
+    language_model,
+    real_token_positions,
+    resolve_model_path,
+)
 from .checks import non_negative, positive
 from .errors import ConfigError, LMEncodersError, ModelNotFoundError
 from .objective import Objective
@@ -283,7 +289,7 @@ class CausalLMJudge(Judge):
                 texts, return_tensors="pt", padding=True, add_special_tokens=not self.chat
             )
             # left padding: positions count real tokens only, as for the prompt alone
-            positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+            positions = real_token_positions(batch["attention_mask"])
             with torch.inference_mode():
                 logits = self.model(**batch, position_ids=positions).logits[:, -1].float()
             p = torch.softmax(logits, dim=-1)

@@ -17,7 +17,14 @@ from .checks import positive
 from .datasets import NeoRLData
 from .description import StateDescription
 
-__all__ = ["Span", "trajectory_spans", "window_spans", "outcome_text", "outcome_texts"]
+__all__ = [
+    "Span",
+    "trajectory_spans",
+    "window_spans",
+    "span_states",
+    "outcome_text",
+    "outcome_texts",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +52,11 @@ def window_spans(data: NeoRLData, window: int) -> list[Span]:
     ]
 
 
+def span_states(data: NeoRLData, span: Span) -> np.ndarray:
+    """The states a span passes through: ``obs[start:end]`` then ``next_obs[end - 1]``."""
+    return np.concatenate([data.obs[span.start : span.end], data.next_obs[span.end - 1][None]])
+
+
 def outcome_text(description: StateDescription, states: np.ndarray, *, ranges: bool = True) -> str:
     """The outcome of a sequence of states ``(T, D)``, T >= 2, in the description's words."""
     states = np.asarray(states, dtype=np.float64)
@@ -63,12 +75,5 @@ def outcome_text(description: StateDescription, states: np.ndarray, *, ranges: b
 def outcome_texts(
     description: StateDescription, data: NeoRLData, spans: Sequence[Span], *, ranges: bool = True
 ) -> list[str]:
-    """:func:`outcome_text` of every span: states ``obs[start:end]`` then ``next_obs[end-1]``."""
-    return [
-        outcome_text(
-            description,
-            np.concatenate([data.obs[s.start : s.end], data.next_obs[s.end - 1][None]]),
-            ranges=ranges,
-        )
-        for s in spans
-    ]
+    """:func:`outcome_text` of every span's :func:`span_states`."""
+    return [outcome_text(description, span_states(data, s), ranges=ranges) for s in spans]

@@ -122,6 +122,7 @@ def _statistics(out: Path, rows: list[dict], methods: list[str]) -> str:
     table, and the interval plot (``intervals.png``)."""
     from . import statistics
 
+    (out / "intervals.png").unlink(missing_ok=True)  # drawn again below, or not at all
     tasks = statistics.scores_by_task(rows)
     variants = [m for m in methods if "LM" in m and BASELINE in methods]
     lines = [
@@ -137,15 +138,9 @@ def _statistics(out: Path, rows: list[dict], methods: list[str]) -> str:
     for name, task in sorted(tasks.items()):
         estimates = statistics.aggregates([task], methods)
         for method, values in estimates.items():
-            probability = (
-                statistics.improvement([task], method, BASELINE) if method in variants else None
-            )
-            words = statistics.verdict(probability, method, BASELINE) if probability else ""
             seeds = len(task.by_method[method])
-            lines.append(
-                f"| {name} | {method} | {seeds} | {values['IQM']} | {values['mean']} | "
-                f"{probability or '-'} | {words} |"
-            )
+            cells = _estimate_cells([task], method, values, variants)
+            lines.append(f"| {name} | {method} | {seeds} | {cells} |")
     normalised = [t for _, t in sorted(tasks.items()) if t.normalised]
     overall = statistics.aggregates(normalised, methods) if normalised else {}
     if overall:
@@ -158,18 +153,20 @@ def _statistics(out: Path, rows: list[dict], methods: list[str]) -> str:
             "|---|---|---|---|---|",
         ]
         for method, values in overall.items():
-            probability = (
-                statistics.improvement(normalised, method, BASELINE) if method in variants else None
-            )
-            words = statistics.verdict(probability, method, BASELINE) if probability else ""
-            lines.append(
-                f"| {method} | {values['IQM']} | {values['mean']} | {probability or '-'} | "
-                f"{words} |"
-            )
+            lines.append(f"| {method} | {_estimate_cells(normalised, method, values, variants)} |")
         _plot_intervals(out, overall)
         lines += ["", "![intervals](results/intervals.png)"]
     lines += ["", _paired_table(tasks, variants)]
     return "\n".join(lines)
+
+
+def _estimate_cells(tasks: list, method: str, values: dict, variants: list[str]) -> str:
+    """IQM | mean | P(method > TD3+BC) | what that interval supports (LM variants only)."""
+    from . import statistics
+
+    probability = statistics.improvement(tasks, method, BASELINE) if method in variants else None
+    words = statistics.verdict(probability, method, BASELINE) if probability else ""
+    return f"{values['IQM']} | {values['mean']} | {probability or '-'} | {words}"
 
 
 def _paired_table(tasks: dict, variants: list[str]) -> str:

@@ -29,6 +29,7 @@ from ...backbone import (
     by_body_name,
     check_weights_digest,
     language_model,
+    real_token_positions,
     trainable_copies,
     weights_digest,
 )
@@ -84,7 +85,7 @@ class LanguageBody(nn.Module):
         return {
             "inputs_embeds": embeddings,
             "attention_mask": causal_mask(keep, embeddings.dtype),
-            "position_ids": (keep.long().cumsum(-1) - 1).clamp_min(0),
+            "position_ids": real_token_positions(keep),
         }
 
     def forward(self, embeddings: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -165,7 +166,6 @@ class PretrainedDecisionTransformer(nn.Module):
         self.embed_norm = nn.LayerNorm(hidden)
         self.dropout = nn.Dropout(embed_dropout)
         self.head = nn.Linear(hidden, action_size)
-        self.last_inputs: torch.Tensor | None = None  # the token embeddings of the last call
 
     def forward(
         self,
@@ -177,12 +177,23 @@ class PretrainedDecisionTransformer(nn.Module):
     ) -> torch.Tensor:
         """Actions ``(B, T, A)`` predicted at every state token; ``attention_mask`` (B, T) is
         1 for real steps (d3rlpy pads windows at the front)."""
+        return self.actions_and_tokens(x, action, return_to_go, timesteps, attention_mask)[0]
+
+    def actions_and_tokens(
+        self,
+        x: torch.Tensor,
+        action: torch.Tensor,
+        return_to_go: torch.Tensor,
+        timesteps: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`forward`'s actions, with the token embeddings the body read and which of
+        them are real (what the alignment loss needs)."""
         h, keep = self.tokens(x, action, return_to_go, timesteps, attention_mask)
         if not self.training:  # acting: the last action is the one being predicted
             h, keep = h[:, :-1], keep[:, :-1]
-        self.last_inputs = h
         out = self.body(self.dropout(h), keep)
-        return torch.tanh(self.head(out[:, 1::3]))
+        return torch.tanh(self.head(out[:, 1::3])), h, keep
 
     def tokens(
         self,
@@ -243,16 +254,14 @@ class LMDecisionTransformerImpl(TransformerAlgoImplBase):
         return action[0][-1]
 
     def losses(self, batch: TorchTrajectoryMiniBatch, grad_step: int) -> dict[str, torch.Tensor]:
-        transformer = self._modules.transformer
-        action = transformer(
+        action, tokens, keep = self._modules.transformer.actions_and_tokens(
             batch.observations, batch.actions, batch.returns_to_go, batch.timesteps, batch.masks
         )
         error = ((action - batch.actions) ** 2).sum(dim=-1)
         losses = {"action_loss": (error.reshape(-1) * batch.masks.reshape(-1)).mean()}
         weight = annealed_weight(self._cos_weight, grad_step, self._cos_anneal_steps)
         if self._centroids is not None and weight > 0.0:
-            keep = batch.masks.reshape(batch.masks.shape[0], -1).repeat_interleave(3, dim=1)
-            cos = cosine_alignment_loss(transformer.last_inputs, self._centroids, keep)
+            cos = cosine_alignment_loss(tokens, self._centroids, keep)
             losses["cos_loss"] = cos
             losses["loss"] = losses["action_loss"] + weight * cos
         else:
