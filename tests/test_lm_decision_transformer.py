@@ -221,3 +221,7 @@ def test_attention_maps_are_causal_distributions_and_drawn(tiny_lm, hopper_datas
     out = tmp_path / "cli.png"
     args = ["attention", *map(str, folders), "--dataset", str(data), "--out", str(out)]
     assert main(args) == 0 and out.stat().st_size > 10_000
+    with pytest.raises(ConfigError, match="trajectory 9 of 4"):
+        attention_maps(folders[0], data, trajectory=9)
+    with pytest.raises(ConfigError, match="trajectory 1 has"):
+        attention_maps(folders[0], data, trajectory=1, start=10_000)

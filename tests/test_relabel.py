@@ -440,6 +440,18 @@ def test_relabel_settings_are_checked_before_any_work(tmp_path, dataset):
         )
     with pytest.raises(ConfigError, match="--graded needs answer probabilities"):
         relabel_config(dataset, tmp_path / "o.npz", "http://127.0.0.1:9", graded=True)
+    out, url = tmp_path / "o.npz", "http://127.0.0.1:9"
+    for field, value, message in [
+        ("window", 0, "window must be >= 1"),
+        ("retries", -1, "retries"),
+        ("timeout", 0.0, "timeout must be > 0"),
+        ("concurrency", 0, "concurrency"),
+        ("judge_batch_size", 0, "judge_batch_size"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            relabel_config(dataset, out, url, **{field: value})
+    with pytest.raises(ConfigError, match="must end with .npz"):
+        relabel_config(dataset, tmp_path / "o.csv", url)
 
 
 def test_an_interrupted_relabel_resumes_without_asking_again(tmp_path, dataset):
