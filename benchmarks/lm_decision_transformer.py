@@ -55,7 +55,7 @@ def build(variant: str, args: argparse.Namespace) -> d3rlpy.base.LearnableBase:
                 lr_scheduler_factory=d3rlpy.optimizers.WarmupSchedulerFactory(args.warmup),
             ),
             **common,
-        ).create()  # fmt: skip
+        ).create(device=args.device)  # fmt: skip
     lm = dict(
         model=args.model, cos_weight=0.1 if variant == "pretrained+cos" else 0.0,
         pretrained=variant != "random", tuning="lora" if variant == "lora" else "full",
@@ -65,7 +65,7 @@ def build(variant: str, args: argparse.Namespace) -> d3rlpy.base.LearnableBase:
             lr_scheduler_factory=d3rlpy.optimizers.WarmupSchedulerFactory(args.warmup),
         ),
     )  # fmt: skip
-    return lmencoders.LMDecisionTransformerConfig(**lm, **common).create()
+    return lmencoders.LMDecisionTransformerConfig(**lm, **common).create(device=args.device)
 
 
 def run(dataset_path: str, variant: str, seed: int, args: argparse.Namespace) -> dict:
@@ -125,7 +125,10 @@ def time_updates(dataset_path: str, args: argparse.Namespace) -> None:
             callback=lambda algo, epoch, step, stamps=stamps: stamps.append(time.perf_counter()),
         )  # fmt: skip
         seconds = float(np.diff(stamps)[2:].mean())
-        print(f"{variant}: context {args.context}, batch {args.batch_size}: {seconds:.2f} s/update")
+        print(
+            f"{variant}: context {args.context}, batch {args.batch_size}, {args.device}: "
+            f"{seconds * 1e3:.0f} ms/update"
+        )
 
 
 def write_markdown(out: Path, runs: list[dict], args: argparse.Namespace, command: str) -> None:
@@ -187,6 +190,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--model", default=lmencoders.DEFAULT_MODEL)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--episodes", type=int, default=5)

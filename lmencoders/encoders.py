@@ -56,7 +56,7 @@ from .checks import optional_positive, positive
 from .datasets import replay_buffer_observations
 from .description import StateDescription, as_description_field, load_description
 from .errors import ConfigError
-from .features import PrecomputeReport, frozen_features, precompute_features
+from .features import PrecomputeReport, frozen_features, precompute_features, scaler_on
 from .readout import PieceReadout
 from .tokens import reachable_token_ids
 
@@ -132,7 +132,7 @@ class TextFeatures(nn.Module):
                 "the observation_scaler given to LMEncoderFactory is not fitted: pass the same "
                 "scaler object to the algorithm config, which fits it before building encoders"
             )
-        return scaler.reverse_transform(x)
+        return scaler_on(scaler, x.device).reverse_transform(x)
 
     def lm_features(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen table's features of a batch (pieces flattened), before any readout."""

@@ -45,6 +45,29 @@ __all__ = [
 ]
 
 
+_SCALER_COPIES: dict[tuple[int, str], tuple[weakref.ref, tuple[int, ...], Any]] = {}
+
+
+def scaler_on(scaler: ObservationScaler, device: torch.device) -> ObservationScaler:
+    """A copy of ``scaler`` to use on ``device`` (same statistics, same operations, so the same
+    bits as the algorithm's own transform there).
+
+    d3rlpy's scalers keep torch copies of their statistics on the first device they see, and
+    d3rlpy probes new encoders with CPU tensors before moving them to the algorithm's device:
+    using the algorithm's own scaler in that probe would pin it to the CPU, and the first CUDA
+    update would fail. Scalers that are not dataclasses are used as they are.
+    """
+    if not dataclasses.is_dataclass(scaler):
+        return scaler
+    fields = tuple(id(getattr(scaler, f.name)) for f in dataclasses.fields(scaler))
+    key = (id(scaler), str(device))
+    owner, seen, copy = _SCALER_COPIES.get(key, (None, (), None))
+    if owner is None or owner() is not scaler or seen != fields:  # new, reused id, or refitted
+        copy = dataclasses.replace(scaler)
+        _SCALER_COPIES[key] = (weakref.ref(scaler), fields, copy)
+    return copy
+
+
 class FrozenFeatures:
     """Cached features of one (frozen LM, description, pooling, window) combination."""
 
@@ -78,7 +101,7 @@ class FrozenFeatures:
         )
         self._lock = threading.Lock()
         self._recent: list[tuple[torch.Tensor, tuple, torch.Tensor]] = []
-        self._scaled: dict[int, tuple[weakref.ref, RowIndex, int]] = {}
+        self._scaled: dict[tuple[int, str], tuple[weakref.ref, RowIndex, int]] = {}
 
     def of_tensor(
         self,
@@ -127,15 +150,16 @@ class FrozenFeatures:
 
     def _scaled_index(self, scaler: ObservationScaler, device: torch.device) -> RowIndex:
         with self._lock:
-            owner, index, built_at = self._scaled.get(id(scaler), (None, None, -1))
+            key = (id(scaler), str(device))  # bits of the scaled form can differ by device
+            owner, index, built_at = self._scaled.get(key, (None, None, -1))
             stale = owner is None or owner() is not scaler  # ids are reused after deletion
             if stale or len(self.table) > 1.1 * built_at + 64:
                 raw = self.table.raw_rows()
                 rows = np.flatnonzero(~np.isnan(raw).any(axis=1))
-                scaled = scaler.transform(torch.from_numpy(raw[rows]).to(device))
+                scaled = scaler_on(scaler, device).transform(torch.from_numpy(raw[rows]).to(device))
                 index = RowIndex(self.description.size)
                 index.insert(float_bits(scaled.cpu().numpy()), rows)
-                self._scaled[id(scaler)] = (weakref.ref(scaler), index, len(self.table))
+                self._scaled[key] = (weakref.ref(scaler), index, len(self.table))
             return index
 
     def lm(self, device: torch.device | str = "cpu") -> LanguageModel:

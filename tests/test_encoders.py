@@ -13,7 +13,7 @@ from conftest import quiet_fit
 import lmencoders
 from lmencoders import DescriptionError, LMEncoderFactory, ModelMismatchError
 from lmencoders.backbone import Frozen, clear_loaded_models, language_model, loaded_bodies
-from lmencoders.features import clear_feature_caches
+from lmencoders.features import clear_feature_caches, scaler_on
 from lmencoders.train import ALGORITHMS
 
 TUNINGS = sorted(lmencoders.TUNING_MODES)
@@ -368,3 +368,37 @@ def test_a_factory_scaler_that_contradicts_the_algorithm_is_refused(tiny_lm, hop
     ).create()
     with pytest.raises(ConfigError, match="TD3PlusBC has none"):
         fit(algo, hopper_dataset, steps=1)
+
+
+@pytest.mark.parametrize("tuning", ["frozen", "ln_embed"])
+def test_building_leaves_the_algorithms_scaler_unpinned(tuning, tiny_lm, hopper_dataset):
+    """d3rlpy probes new encoders with CPU tensors before moving them to the algorithm's device,
+    and its scalers keep their torch statistics on the first device they see: had the encoders
+    used the algorithm's own scaler in that probe, the first CUDA update would fail with
+    'Expected all tensors to be on the same device' (seen on an H100)."""
+    scaler = d3rlpy.preprocessing.StandardObservationScaler()
+    factory = factory_for(tiny_lm, tuning, observation_scaler=scaler)
+    algo = d3rlpy.algos.TD3PlusBCConfig(
+        actor_encoder_factory=factory,
+        critic_encoder_factory=factory,
+        observation_scaler=scaler,
+        batch_size=16,
+    ).create()
+    if tuning == "frozen":
+        factory.precompute(hopper_dataset, cache_dir=False, show_progress=False)
+    scaler.fit_with_transition_picker(
+        hopper_dataset.episodes, d3rlpy.dataset.BasicTransitionPicker()
+    )
+    algo.build_with_dataset(hopper_dataset)  # builds and probes every encoder
+    assert _lm_encoders(algo)
+    assert scaler._torch_mean is None  # the probe went through a copy of the scaler
+    copy = scaler_on(scaler, torch.device("cpu"))
+    assert copy is not scaler and copy is scaler_on(scaler, torch.device("cpu"))
+    obs = torch.as_tensor(hopper_dataset.episodes[0].observations[:5])
+    assert torch.equal(copy.transform(obs), scaler.transform(obs))  # the same bits
+    scaler.mean = scaler.mean + 1.0  # refitted: a new copy with the new statistics
+    assert torch.equal(
+        scaler_on(scaler, torch.device("cpu")).transform(obs),
+        (obs - torch.as_tensor(scaler.mean, dtype=torch.float32))
+        / (torch.as_tensor(scaler.std, dtype=torch.float32) + scaler.eps),
+    )
