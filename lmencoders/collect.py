@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .checks import non_negative, positive
 from .datasets import read_neorl_file
-from .envs import episode_returns, make_env
+from .envs import episode_returns, kept_positions, make_env
 from .errors import ConfigError
 from .files import atomic_write
 from .options import option
@@ -57,6 +57,11 @@ class CollectConfig:
     sample_probability: float = option(0.2, "chance of a sampled (not the mean) action")
     scale_observations: bool = option(
         False, "standardise SAC's inputs with statistics of random-action rollouts (FinRL)"
+    )
+    sac_sees_positions: bool = option(
+        False,
+        "SAC's own inputs keep the x position; by default SAC sees gymnasium's observation "
+        "(without it) and the data still record NeoRL's full layout",
     )
     stop_at_return: float | None = option(
         None, "stop SAC at the first checkpoint whose mean return reaches this"
@@ -103,6 +108,37 @@ def random_action_scaler(
     return d3rlpy.preprocessing.StandardObservationScaler(mean=seen.mean(0), std=seen.std(0))
 
 
+def sac_input_start(config: CollectConfig) -> int:
+    """Index of SAC's first input in a NeoRL-layout observation.
+
+    NeoRL's MuJoCo layout starts with the absolute x position, which grows without bound as
+    the robot advances: a policy that reads it meets values it never trained on exactly when
+    it runs well (SAC on Hopper with x plateaued near 600 over 200k steps here). The behaviour
+    policy therefore sees what gymnasium gives by default; the recorded data keep x."""
+    return 0 if config.sac_sees_positions else kept_positions(config.env)
+
+
+def policy_input_start(algo: d3rlpy.base.LearnableBase, env: gym.Env) -> int:
+    """Where a saved policy's inputs begin in ``env``'s observations (policies saved before
+    SAC left out the x position read the whole observation)."""
+    full = env.observation_space.shape[0]
+    own = algo.impl.observation_shape[0]
+    if not 0 <= full - own <= kept_positions(env.spec.id if env.spec else ""):
+        raise ConfigError(
+            f"the policy reads {own} observation entries, the environment gives {full}"
+        )
+    return full - own
+
+
+def without_leading(env: gym.Env, start: int) -> gym.Env:
+    """``env`` whose observations skip their first ``start`` entries (SAC's own view)."""
+    if not start:
+        return env
+    space = env.observation_space
+    view = gym.spaces.Box(space.low[start:], space.high[start:], dtype=space.dtype)
+    return gym.wrappers.TransformObservation(env, lambda obs: obs[start:], view)
+
+
 def _save_buffer(buffer: d3rlpy.dataset.ReplayBuffer, path: Path) -> None:
     data = io.BytesIO()  # h5py needs a readable file; the temporary one is write-only
     buffer.dump(data)
@@ -137,13 +173,21 @@ def train_behaviour_policies(config: CollectConfig, folder: Path) -> list[dict]:
     buffer_path = folder / "sac-buffer.h5"
     history: list[dict] = json.loads(progress_path.read_text()) if progress_path.is_file() else []
     d3rlpy.seed(config.seed + len(history))
-    env = make_env(config.env)
+    start = sac_input_start(config)
+    env = without_leading(make_env(config.env), start)
     eval_envs = [make_env(config.env) for _ in range(config.eval_episodes)]
     env.reset(seed=config.seed + len(history))
     warmup = 0
     if history:
         last = history[-1]
         sac = load_model(folder / last["path"], trust_pickle=last["path"].endswith(".d3"))
+        seen = policy_input_start(sac, eval_envs[0])
+        if seen != start:
+            raise ConfigError(
+                f"{folder}: its SAC policies read observations from entry {seen}, these "
+                f"settings from entry {start}: resume with the same --sac-sees-positions "
+                "setting, or collect into a new folder"
+            )
         buffer = _load_buffer(buffer_path, config.sac_steps)
         if buffer is None:  # learn from fresh experience of the current policy first
             buffer = d3rlpy.dataset.create_fifo_replay_buffer(limit=config.sac_steps, env=env)
@@ -152,7 +196,9 @@ def train_behaviour_policies(config: CollectConfig, folder: Path) -> list[dict]:
     else:
         scaler = None
         if config.scale_observations:
-            scaler = random_action_scaler(make_env(config.env), 5_000, config.seed)
+            scaler = random_action_scaler(
+                without_leading(make_env(config.env), start), 5_000, config.seed
+            )
         sac = d3rlpy.algos.SACConfig(batch_size=256, observation_scaler=scaler).create()
         buffer = d3rlpy.dataset.create_fifo_replay_buffer(limit=config.sac_steps, env=env)
     first = history[-1]["step"] + config.checkpoint_every if history else config.checkpoint_every
@@ -172,7 +218,9 @@ def train_behaviour_policies(config: CollectConfig, folder: Path) -> list[dict]:
         )
         warmup = 0
         path = save_model(sac, folder / "policies" / f"sac-{step}")
-        score = float(np.mean(episode_returns(sac.predict, eval_envs, seed=10_000)))
+        score = float(
+            np.mean(episode_returns(lambda o: sac.predict(o[:, start:]), eval_envs, seed=10_000))
+        )
         history.append({"step": step, "return": score, "path": str(path.relative_to(folder))})
         _save_buffer(buffer, buffer_path)
         atomic_write(progress_path, lambda f: f.write(json.dumps(history, indent=1).encode()))
@@ -230,8 +278,9 @@ def rollout(
     seed: int,
 ) -> dict[str, np.ndarray]:
     """Trajectories in NeoRL's layout: the policy mean with probability 1 - sample_probability,
-    a sampled action otherwise."""
+    a sampled action otherwise (the policy reads the observation from its own first input)."""
     rng = np.random.default_rng(seed)
+    start = policy_input_start(algo, env)
     columns: dict[str, list] = {k: [] for k in ("obs", "next_obs", "action", "reward", "done")}
     starts = []
     for trajectory in tqdm(range(trajectories), desc="trajectories", unit="traj"):
@@ -239,9 +288,9 @@ def rollout(
         starts.append(len(columns["obs"]))
         for _ in range(max_steps):
             if rng.random() < sample_probability:
-                action = algo.sample_action(obs[None])[0]
+                action = algo.sample_action(obs[None, start:])[0]
             else:
-                action = algo.predict(obs[None])[0]
+                action = algo.predict(obs[None, start:])[0]
             next_obs, reward, terminated, truncated, _ = env.step(action)
             for key, value in zip(columns, (obs, next_obs, action, [reward], terminated)):
                 columns[key].append(value)

@@ -17,6 +17,7 @@ from .errors import ConfigError
 __all__ = [
     "TASKS",
     "make_env",
+    "kept_positions",
     "episode_returns",
     "description_for",
     "FinRLEnv",
@@ -51,9 +52,16 @@ def make_env(task: str, **kwargs) -> gym.Env:
 
         return minari_dataset(task.removeprefix("minari:")).recover_environment()
     env_id = TASKS[task][0] if task in TASKS else task
-    if env_id.split("-")[0] in ("Hopper", "Walker2d", "HalfCheetah"):
+    if kept_positions(env_id):
         kwargs.setdefault("exclude_current_positions_from_observation", False)
     return gym.make(env_id, **kwargs)
+
+
+def kept_positions(task: str) -> int:
+    """How many leading observation entries are positions that NeoRL's layout keeps and
+    gymnasium's default leaves out (the x position of the MuJoCo locomotion tasks)."""
+    env_id = TASKS[task][0] if task in TASKS else task
+    return 1 if env_id and env_id.split("-")[0] in ("Hopper", "Walker2d", "HalfCheetah") else 0
 
 
 def episode_returns(

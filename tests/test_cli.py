@@ -10,6 +10,7 @@ import pytest
 from lmencoders.cli import main
 from lmencoders.collect import pick_policies
 from lmencoders.datasets import read_neorl_file
+from lmencoders.errors import ConfigError
 from lmencoders.saving import load_model
 
 
@@ -346,3 +347,32 @@ def test_sac_stops_at_the_return_asked_for(tmp_path):
         stop_at_return=-1e9,
     )
     assert [h["step"] for h in train_behaviour_policies(config, tmp_path)] == [200]
+
+
+def test_sac_reads_gymnasium_observations_and_the_data_keep_x(tmp_path):
+    """SAC's inputs leave out NeoRL's leading x position; the rollouts record it, and the
+    recorded actions are the policy's on the observation without it."""
+    from lmencoders.collect import CollectConfig, rollout, train_behaviour_policies
+    from lmencoders.envs import make_env
+
+    settings = dict(
+        env="Hopper-v5", sac_steps=200, checkpoint_every=200, eval_episodes=1,
+        max_episode_steps=20,
+    )  # fmt: skip
+    history = train_behaviour_policies(CollectConfig(out_dir=str(tmp_path), **settings), tmp_path)
+    sac = load_model(tmp_path / history[0]["path"])
+    assert list(sac.impl.observation_shape) == [11]
+    data = rollout(sac, make_env("Hopper-v5"), trajectories=2, max_steps=20,
+                   sample_probability=0.0, seed=3)  # fmt: skip
+    assert data["obs"].shape[1] == 12 and (data["obs"][1:, 0] != data["obs"][0, 0]).any()
+    np.testing.assert_allclose(data["action"], sac.predict(data["obs"][:, 1:]), atol=1e-6)
+
+    with_x = tmp_path / "with-x"
+    config = CollectConfig(out_dir=str(with_x), sac_sees_positions=True, **settings)
+    history = train_behaviour_policies(config, with_x)
+    assert load_model(with_x / history[0]["path"]).impl.observation_shape == [12]
+    (with_x / "sac-checkpoints.json").unlink()  # as if it had been interrupted
+    config.sac_sees_positions = False
+    config.sac_steps = 400
+    with pytest.raises(ConfigError, match="--sac-sees-positions"):
+        train_behaviour_policies(config, with_x)
