@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .checks import optional_positive
 from .errors import ConfigError, ModelMismatchError, ModelNotFoundError, UnreachableTokenError
-from .tokens import Chunks, length_buckets, tokenize_texts
+from .tokens import Chunks, TokenCache, length_buckets, tokenize_texts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -322,6 +322,7 @@ class LanguageModel:
         # Chunking keeps every model input within the window; the tokenizer's own length
         # warning would only report the (expected) long texts before they are chunked.
         tokenizer.model_max_length = int(1e30)
+        self.token_cache = TokenCache()  # tuned encoders re-read the same texts every update
 
     @property
     def device(self) -> torch.device:
@@ -375,7 +376,11 @@ class LanguageModel:
         window = min(optional_positive(max_length, "max_length") or self.window, self.window)
         batch_size = optional_positive(batch_size, "batch_size") or default_batch_size(self.device)
         firsts, inverse = _distinct(separator.join(s) for s in segments)
-        chunks = tokenize_texts(self.tokenizer, [segments[i] for i in firsts], separator, window)
+        distinct = [segments[i] for i in firsts]
+        if parameters:  # a tuned encoder: the same dataset texts come back every update
+            chunks = self.token_cache.chunks(self.tokenizer, distinct, separator, window)
+        else:  # frozen features are computed once per text and then looked up
+            chunks = tokenize_texts(self.tokenizer, distinct, separator, window)
         if vocabulary is not None:
             self._check_vocabulary(chunks.ids, vocabulary)
         needs_grad = bool(parameters) and torch.is_grad_enabled()
@@ -512,7 +517,7 @@ class LanguageModel:
         return out / np.maximum(out.sum(axis=1, keepdims=True), 1e-12)
 
     def _check_vocabulary(self, ids: Sequence[Sequence[int]], vocabulary: np.ndarray) -> None:
-        flat = np.fromiter((i for chunk in ids for i in chunk), dtype=np.int64)
+        flat = np.concatenate([np.asarray(chunk, dtype=np.int64) for chunk in ids] or [[]])
         outside = np.unique(flat[~np.isin(flat, vocabulary)])
         if len(outside):
             tokens = self.tokenizer.convert_ids_to_tokens(outside[:10].tolist())

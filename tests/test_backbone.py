@@ -8,6 +8,7 @@ from conftest import straightforward_features
 import lmencoders
 from lmencoders import ModelNotFoundError, TextTooLongError, load_description
 from lmencoders.backbone import language_model
+from lmencoders.tokens import TokenCache, tokenize_texts
 
 TEXTS = [
     ["x position: 0.1 m", "z position: 1.25 m"],
@@ -125,3 +126,40 @@ def test_model_paths_may_be_pathlib_paths(tiny_lm):
     assert language_model(Path(tiny_lm)) is language_model(tiny_lm)
     factory = lmencoders.LMEncoderFactory(description="hopper", model=Path(tiny_lm))
     assert factory.model == tiny_lm and factory.create((12,)) is not None
+
+
+def test_the_token_cache_gives_the_tokenizers_chunks_and_keeps_only_short_texts(tiny_lm):
+    lm = language_model(tiny_lm)
+    finrl = load_description("finrl").format_segments(
+        np.random.default_rng(0).uniform(0, 100, size=(2, 181))
+    )  # longer than the tiny LM's window of 64: chunked, never cached
+    hopper = load_description("hopper").format_segments(
+        np.random.default_rng(1).normal(size=(3, 12))
+    )
+    hopper = [text[:3] for text in hopper]  # short enough for one chunk
+    texts = [hopper[0], finrl[0], hopper[1], hopper[0], finrl[1], hopper[2]]
+    cache = TokenCache(limit=3)
+    for _ in range(2):  # first from the tokenizer, then short texts from the cache
+        ours = cache.chunks(lm.tokenizer, texts, ", ", 64)
+        direct = tokenize_texts(lm.tokenizer, texts, ", ", 64)
+        assert [list(ids) for ids in ours.ids] == [list(ids) for ids in direct.ids]
+        np.testing.assert_array_equal(ours.owner, direct.owner)
+        assert ours.num_texts == direct.num_texts == 6 and len(direct.ids) > 6
+        assert len(cache) == 3  # the three distinct short texts
+    cache.chunks(lm.tokenizer, [[s + " more" for s in text] for text in hopper], ", ", 64)
+    assert len(cache) == 3  # over the limit: started over with the new texts
+
+
+def test_tuned_encoding_is_the_same_with_cached_tokens(tiny_lm):
+    lm = language_model(tiny_lm)
+    segments = load_description("hopper").format_segments(
+        np.random.default_rng(2).normal(size=(5, 12))
+    )
+    segments = [text[:4] for text in segments]  # within the tiny LM's window of 64 tokens
+    parameters = {n: p.detach().clone() for n, p in lm.model.named_parameters() if "LayerNorm" in n}
+    lm.token_cache = TokenCache()
+    first = lm.encode(segments, ", ", parameters=parameters)
+    assert len(lm.token_cache) == 5
+    again = lm.encode(segments, ", ", parameters=parameters)
+    assert torch.equal(first, again)
+    assert torch.allclose(first, lm.encode(segments, ", "), atol=1e-6)  # frozen path, no cache
