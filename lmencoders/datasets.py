@@ -159,7 +159,7 @@ class NeoRLData:
         return NeoRLData(**arrays, index=self.index[:trajectories], source=self.source)
 
 
-def _md5(path: Path) -> str:
+def file_md5(path: Path) -> str:
     digest = hashlib.md5()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -175,7 +175,7 @@ def read_neorl_file(path: str | Path, verify: bool = True) -> NeoRLData:
         raise DatasetFileError(f"{path}: no such dataset file")
     expected = neorl_md5_index().get(path.name)
     if verify and expected is not None:
-        actual = _md5(path)
+        actual = file_md5(path)
         if actual != expected:
             raise DatasetFileError(
                 f"{path}: md5 {actual} does not match NeoRL's {expected} for {path.name} "

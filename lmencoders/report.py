@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .datasets import file_md5
 from .experiments import METHODS, PAPER_RESULTS
 from .statistics import curve_band
 
@@ -308,8 +309,10 @@ def _provenance(runs: list[tuple[Path, dict]]) -> str:
             lines.append(f"- `{name}`: no collector record beside it")
             continue
         best = max(c["return"] for c in record["sac_checkpoints"])
+        md5 = file_md5(path) if path.is_file() else "file not found"
         lines.append(
-            f"- `{name}`: `{record['command']}`; best SAC return {best:.1f}, {made['level']} "
+            f"- `{name}` (md5 {md5}): `{_relative_to_here(record['command'])}`; "
+            f"best SAC return {best:.1f}, {made['level']} "
             f"policy from SAC step {made['policy_step']}; {made['trajectories']} trajectories, "
             f"return {made['mean_return']:.1f} +- {made['std_return']:.1f}"
         )

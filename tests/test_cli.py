@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -196,7 +197,9 @@ def test_experiment_runs_in_resumable_parts_and_reports(
     summary = next(line for line in text.splitlines() if line.startswith("| Hopper-v5-low-3"))
     assert summary.count("(2)") == 2  # one cell per method, 2 seeds each
     assert "lmencoders experiment --datasets" in text  # the exact commands are recorded
-    assert "- `Hopper-v5-low-3-train.npz`: `lmencoders collect --env Hopper-v5 --out" in text
+    data_file = collected[0] / "Hopper-v5-low-3-train.npz"
+    md5 = hashlib.md5(data_file.read_bytes()).hexdigest()
+    assert f"- `Hopper-v5-low-3-train.npz` (md5 {md5}): `lmencoders collect --env Hopper-v5" in text
     assert (tmp_path / "results" / "curves-Hopper-v5-low-3-train.png").stat().st_size > 1000
     assert "## Statistics (rliable" in text and "| Hopper-v5-low-3-train | BC | 2 |" in text
     rows = (tmp_path / "results" / "results.csv").read_text().strip().splitlines()
