@@ -33,6 +33,7 @@ from lmencoders.encoders import TextFeatures
 from lmencoders.envs import FinRLEnv, episode_returns, make_env
 from lmencoders.features import clear_feature_caches, frozen_features
 from lmencoders.table import FeatureTable
+from lmencoders.tokens import TokenCache, tokenize_texts
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -619,6 +620,39 @@ def piece_features(dataset, quick: bool) -> str:
     return f"{speed}\n\nFeature table memory per distinct observation:\n\n{sizes}"
 
 
+def host_work(dataset, quick: bool) -> str:
+    """What a tuned encoder does on the host per LM pass, before the LM runs: render the batch
+    as text and tokenise it; from scratch, and from the caches (dataset observations repeat)."""
+    obs, _ = all_observations(dataset)
+    batch = obs[: 32 if quick else 256]
+    description = lmencoders.load_description("hopper")
+    lm = language_model()
+    window = lm.window
+    cache = TokenCache()
+    segments = description.format_segments(batch)
+    description.cached_segments(batch)
+    cache.chunks(lm.tokenizer, segments, description.separator, window)
+    repeats = 3 if quick else 20
+    rows = []
+    for step, scratch, cached in [
+        (
+            "render text",
+            lambda: description.format_segments(batch),
+            lambda: description.cached_segments(batch),
+        ),
+        (
+            "tokenise",
+            lambda: tokenize_texts(lm.tokenizer, segments, description.separator, window),
+            lambda: cache.chunks(lm.tokenizer, segments, description.separator, window),
+        ),
+    ]:
+        fresh, kept = median_seconds(scratch, repeats), median_seconds(cached, repeats)
+        rows.append(
+            [step, len(batch), f"{fresh * 1e3:.2f}", f"{kept * 1e3:.2f}", f"{fresh / kept:.0f}x"]
+        )
+    return table(["host step", "texts", "from scratch ms", "cached ms", "speed-up"], rows)
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -687,6 +721,14 @@ def main() -> None:
             "FinRL ticker group) and read by a trained attention readout, against mean pooling "
             "over the whole text; same data and batches. Goals: update <= 2x the mean-pooled "
             "update, precompute no slower.",
+        ),
+        (
+            "8. Host work of a tuned LM pass",
+            host_work,
+            "Tuned encoders (ln_embed, lora, full) render and tokenise their batch before every "
+            "LM pass, 6.5 passes per TD3+BC update; on an H100 this host work, not the LM, "
+            "bounds the update (benchmarks/gpu.md). Dataset observations repeat, so both are "
+            "cached: segments by quantised observation, token ids by text.",
         ),
     ]
     parts = []

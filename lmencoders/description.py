@@ -141,6 +141,9 @@ def _escape(text: str) -> str:
     return text.replace("{", "{{").replace("}", "}}")
 
 
+SEGMENT_CACHE = 100_000  # observations whose segments a description keeps (~1 kB each)
+
+
 class StateDescription:
     """A validated description that turns observation batches (N, D) into N strings."""
 
@@ -308,6 +311,26 @@ class StateDescription:
     def format_segments(self, observations: np.ndarray) -> list[list[str]]:
         """Like :meth:`format` but keeps the pieces; ``separator.join`` gives the text."""
         return self.segments_from_codes(self.quantize(observations))
+
+    def cached_segments(self, observations: np.ndarray) -> list[list[str]]:
+        """:meth:`format_segments`, remembering the segments of up to ``SEGMENT_CACHE``
+        observations by their codes. A tuned encoder renders the same dataset observations
+        every update: on an H100 that rendering was ~80 ms of a 306 ms ln_embed TD3+BC update
+        (profiled). Past the limit the cache starts over."""
+        codes = self.quantize(observations)
+        keys = [row.tobytes() for row in codes]
+        cache = self.__dict__.setdefault("_segment_cache", {})
+        found = [cache.get(k) for k in keys]
+        missing = [i for i, segments in enumerate(found) if segments is None]
+        if missing:
+            if len(cache) + len(missing) > SEGMENT_CACHE:
+                cache.clear()
+            for i, segments in zip(missing, self.segments_from_codes(codes[missing])):
+                found[i] = cache[keys[i]] = segments
+        return found  # type: ignore[return-value]
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_segment_cache"}
 
     def sample_texts(self, rows: int = 256, seed: int = 0) -> list[str]:
         """Texts of made-up observations over many magnitudes, plus the non-finite tokens:

@@ -197,7 +197,7 @@ class TextFeatures(nn.Module):
         lm, parameters, vocabulary = self.lm_and_parameters(x.device)
         raw = self.raw_observations(x).detach().cpu().numpy()
         return lm.encode(
-            self.description.format_segments(raw),
+            self.description.cached_segments(raw),
             self.description.separator,
             pooling=self.pooling,
             max_length=self.max_length,
