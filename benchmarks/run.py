@@ -34,6 +34,7 @@ from lmencoders.envs import FinRLEnv, episode_returns, make_env
 from lmencoders.features import clear_feature_caches, frozen_features
 from lmencoders.table import FeatureTable
 from lmencoders.tokens import TokenCache, tokenize_texts
+from lmencoders.train import processor_name
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -654,16 +655,8 @@ def host_work(dataset, quick: bool) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"{processor_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
         f"d3rlpy {d3rlpy.__version__}, Python {platform.python_version()}"
     )

@@ -77,6 +77,9 @@ def _tables(out: Path, runs: list[tuple[Path, dict]]) -> str:
                 "trajectories": result["dataset_trajectories"],
                 "data_return": result["dataset_mean_return"],
                 "train_seconds": result["train_seconds"],
+                # runs written before these were recorded have neither
+                "evaluation_seconds": result.get("evaluation_seconds"),
+                "hardware": result.get("hardware", "not recorded"),
                 "run": run_dir.name,
             }
         )
@@ -94,8 +97,8 @@ def _tables(out: Path, runs: list[tuple[Path, dict]]) -> str:
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     lines = [
         "| dataset | trajectories | method | return (mean +- std over seeds) | normalised "
-        "| seeds | steps | eval episodes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| seeds | steps | eval episodes | minutes / run (evaluating) | hardware |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for dataset in datasets:
         for method in methods:
@@ -108,7 +111,8 @@ def _tables(out: Path, runs: list[tuple[Path, dict]]) -> str:
             lines.append(
                 f"| {dataset} | {_values(group, 'trajectories')} | {method} | "
                 f"{returns.mean():.1f} +- {returns.std():.1f} | {normalized} | {len(group)} | "
-                f"{_values(group, 'steps')} | {_values(group, 'episodes')} |"
+                f"{_values(group, 'steps')} | {_values(group, 'episodes')} | "
+                f"{_run_minutes(group)} | {_values(group, 'hardware')} |"
             )
     _plot_curves(out, rows)
     summary = _summary(groups, datasets, methods) + "\n\nEvery cell:\n\n" + "\n".join(lines)
@@ -232,6 +236,15 @@ def _summary(groups: dict, datasets: list[str], methods: list[str]) -> str:
             cells.append(f"{np.mean(returns):.1f} ({len(returns)})" if returns else "-")
         lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _run_minutes(group: list[dict]) -> str:
+    """Mean minutes per run and the share of them spent evaluating (a live LM on CPU runs
+    once per environment step, so evaluation can dominate a run)."""
+    minutes = np.mean([r["train_seconds"] for r in group]) / 60
+    evaluating = [r["evaluation_seconds"] / r["train_seconds"] for r in group
+                  if r["evaluation_seconds"] is not None and r["train_seconds"] > 0]  # fmt: skip
+    return f"{minutes:.1f} ({np.mean(evaluating):.0%})" if evaluating else f"{minutes:.1f} (-)"
 
 
 def _values(group: list[dict], key: str, form: str = "{}") -> str:

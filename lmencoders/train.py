@@ -8,16 +8,19 @@ is evaluated, and ``result.json``, written last and atomically, marks a finished
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
 import json
+import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import d3rlpy
 import numpy as np
+import torch
 
 from .backbone import DEFAULT_MODEL, POOLING_NAMES, PRECISIONS, TUNING_MODES, check_precision
 from .checks import non_negative, positive
@@ -231,11 +234,32 @@ class ReturnEvaluator:
         self.env_name, self.seed, self.folder = env_name, seed, folder
         self.envs = [make_env(env_name) for _ in range(episodes)]  # seeded resets: reusable
         self.last: dict | None = None
+        self.seconds = 0.0  # spent evaluating: with a live LM on CPU, most of a run
 
     def __call__(self, algo: Any, dataset: Any = None) -> float:
         save_model(algo, self.folder)  # an evaluation that fails loses no training
+        started = time.perf_counter()
         self.last = _evaluation(algo, self.env_name, self.envs, self.seed)
+        self.seconds += time.perf_counter() - started
         return self.last["mean_return"]
+
+
+def processor_name() -> str:
+    """The CPU's model name (Linux), else what ``platform`` knows."""
+    with contextlib.suppress(OSError, StopIteration):
+        return next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    return platform.processor() or platform.machine()
+
+
+def hardware(device: str) -> str:
+    """What a run trained on, for the report: the GPU's name, or the CPU's and its threads."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{processor_name()}, {torch.get_num_threads()} threads"
 
 
 class _TensorboardAdapter(d3rlpy.logging.TensorboardAdapter):
@@ -302,7 +326,9 @@ def train(config: TrainConfig) -> dict:
     train_seconds = time.perf_counter() - started
     if evaluator.last is None:  # no periodic evaluation: save, then evaluate the final policy
         evaluator(algo)
-    return _write_result(config, dataset, description, out, train_seconds, evaluator.last)
+    return _write_result(
+        config, dataset, description, out, train_seconds, evaluator.last, evaluator.seconds
+    )
 
 
 def _write_result(
@@ -312,6 +338,7 @@ def _write_result(
     out: Path,
     train_seconds: float,
     evaluation: dict,
+    evaluation_seconds: float,
 ) -> dict:
     result = {
         "config": dataclasses.asdict(config)
@@ -319,7 +346,9 @@ def _write_result(
         "run": out.name,
         "dataset_trajectories": dataset.trajectories,
         "dataset_mean_return": float(dataset.returns().mean()),
-        "train_seconds": train_seconds,
+        "train_seconds": train_seconds,  # the whole run, its evaluations included
+        "evaluation_seconds": evaluation_seconds,
+        "hardware": hardware(config.device),
         "model": str(out / MODEL_WEIGHTS),
         "evaluation": evaluation,
     }

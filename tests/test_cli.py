@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -187,13 +188,18 @@ def test_experiment_runs_in_resumable_parts_and_reports(
     assert main(args) == 0  # the rest; finished runs are skipped
     assert "runs done 2, already finished 2, left for a later part 0" in capsys.readouterr().out
     lm_run = next((tmp_path / "exp" / "runs").glob("*lm-frozen-seed0-*/result.json"))
-    assert json.loads(lm_run.read_text())["config"]["model"] == tiny_lm
+    lm_result = json.loads(lm_run.read_text())
+    assert lm_result["config"]["model"] == tiny_lm
+    assert 0 < lm_result["evaluation_seconds"] < lm_result["train_seconds"]
+    assert lm_result["hardware"].endswith("threads")  # trained on the CPU
     results = tmp_path / "RESULTS.md"
     monkeypatch.chdir(tmp_path)  # as in a repository: recorded paths under it become relative
     assert main(["report", "--out", str(tmp_path / "exp"), "--results", str(results)]) == 0
     text = results.read_text()
     assert "--out exp" in text and f"--out {tmp_path}" not in text
     assert "| Hopper-v5-low-3-train | 3 | BC |" in text and "TD3+BC LM-No-Tune" in text
+    cell = next(line for line in text.splitlines() if "| Hopper-v5-low-3-train | 3 | BC |" in line)
+    assert re.search(r"\| \d+\.\d \(\d+%\) \| .+ threads \|$", cell)  # minutes, evaluating share
     summary = next(line for line in text.splitlines() if line.startswith("| Hopper-v5-low-3"))
     assert summary.count("(2)") == 2  # one cell per method, 2 seeds each
     assert "lmencoders experiment --datasets" in text  # the exact commands are recorded
