@@ -208,12 +208,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluation_line(evaluation: dict) -> str:
-    score = evaluation["normalized_score"]
-    normalized = f", normalised score {score:.1f}" if score is not None else ""
-    return (
-        f"evaluated return on {evaluation['env']} over {evaluation['episodes']} episodes: "
-        f"{evaluation['mean_return']:.1f} +- {evaluation['std_return']:.1f}{normalized}"
-    )
+    from .train import evaluation_text
+
+    return "evaluated " + evaluation_text(evaluation)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -93,8 +93,10 @@ def parse_neorl_file_name(path: str | Path) -> dict[str, str | int] | None:
 
 
 def shipped_dataset() -> Path:
-    """The small Hopper-v5 dataset that ships with lmencoders (see its collect.json)."""
-    return Path(__file__).parent / "data" / "Hopper-v5-low-30-train.npz"
+    """The small Hopper-v5 dataset that ships with lmencoders (see its collect.json): the
+    "medium" level, whose policy hops; the "low" policy falls after ~32 steps, so an agent
+    trained on it can only show that it copies a fall."""
+    return Path(__file__).parent / "data" / "Hopper-v5-medium-30-train.npz"
 
 
 def _refuse_non_finite(source: str, arrays: dict[str, np.ndarray], row_offset: int = 0) -> None:

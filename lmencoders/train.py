@@ -84,7 +84,11 @@ class TrainConfig:
     )
     env: str | None = option(None, "evaluation environment (default: the one the data names)")
     steps: int = option(5_000, "gradient steps")
-    eval_every: int = option(0, "steps between evaluations; 0: evaluate at the end only")
+    eval_every: int | None = option(
+        None,
+        "steps between evaluations, each printed (default: five over the run, when steps "
+        "divide by 5); 0: evaluate at the end only",
+    )
     eval_episodes: int = option(5, "evaluation episodes")
     batch_size: int = option(256, "transitions per gradient step")
     seed: int = option(0, "random seed (d3rlpy, evaluation resets)")
@@ -109,6 +113,8 @@ class TrainConfig:
                 f"unknown pooling {self.pooling!r}; choose one of {sorted(POOLING_NAMES)}"
             )
         self.steps = positive(self.steps, "steps")
+        if self.eval_every is None:  # a learning curve of five points by default
+            self.eval_every = self.steps // 5 if self.steps % 5 == 0 else 0
         self.eval_every = non_negative(self.eval_every, "eval_every")
         self.eval_episodes = positive(self.eval_episodes, "eval_episodes")
         self.batch_size = positive(self.batch_size, "batch_size")
@@ -223,6 +229,16 @@ def _evaluation(algo: Any, env_name: str, envs: list, seed: int) -> dict:
     }
 
 
+def evaluation_text(evaluation: dict) -> str:
+    """``return on <env> over <n> episodes: <mean> +- <std>, normalised score <s>``."""
+    score = evaluation["normalized_score"]
+    normalized = f", normalised score {score:.1f}" if score is not None else ""
+    return (
+        f"return on {evaluation['env']} over {evaluation['episodes']} episodes: "
+        f"{evaluation['mean_return']:.1f} +- {evaluation['std_return']:.1f}{normalized}"
+    )
+
+
 class ReturnEvaluator:
     """d3rlpy evaluator (the learning curve) that saves the model first, then evaluates, and
     keeps its last full evaluation.
@@ -230,17 +246,23 @@ class ReturnEvaluator:
     d3rlpy evaluates after the last epoch, i.e. the final policy, so that evaluation is the
     run's result: no second pass over the episodes (costly when every step runs the LM)."""
 
-    def __init__(self, env_name: str, episodes: int, seed: int, folder: Path) -> None:
-        self.env_name, self.seed, self.folder = env_name, seed, folder
+    def __init__(
+        self, env_name: str, episodes: int, seed: int, folder: Path, every: int = 0
+    ) -> None:
+        self.env_name, self.seed, self.folder, self.every = env_name, seed, folder, every
         self.envs = [make_env(env_name) for _ in range(episodes)]  # seeded resets: reusable
         self.last: dict | None = None
         self.seconds = 0.0  # spent evaluating: with a live LM on CPU, most of a run
+        self.done = 0
 
     def __call__(self, algo: Any, dataset: Any = None) -> float:
         save_model(algo, self.folder)  # an evaluation that fails loses no training
         started = time.perf_counter()
         self.last = _evaluation(algo, self.env_name, self.envs, self.seed)
         self.seconds += time.perf_counter() - started
+        self.done += 1
+        if self.every:  # the learning curve, as it grows
+            print(f"step {self.done * self.every}: {evaluation_text(self.last)}", flush=True)
         return self.last["mean_return"]
 
 
@@ -312,7 +334,9 @@ def train(config: TrainConfig) -> dict:
     if config.tensorboard:
         adapters.append(_TensorboardAdapterFactory(root_dir=str(out.parent / "tensorboard")))
     print(evaluation_cost(env_name, config.eval_episodes, config.encoder), flush=True)
-    evaluator = ReturnEvaluator(env_name, config.eval_episodes, config.seed * 1000, out)
+    evaluator = ReturnEvaluator(
+        env_name, config.eval_episodes, config.seed * 1000, out, every=config.eval_every
+    )
     algo.fit(
         dataset.buffer,
         n_steps=config.steps,
