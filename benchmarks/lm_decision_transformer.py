@@ -102,6 +102,10 @@ def run(dataset_path: str, variant: str, seed: int, args: argparse.Namespace) ->
         save_interval=10**9, logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
         callback=evaluate,
     )  # fmt: skip
+    if variant != "dt" and seed == args.seeds[0]:  # for `lmencoders attention` (not committed)
+        lmencoders.save_model(
+            algo, Path(args.out) / "work" / f"{Path(dataset_path).stem}-{variant}"
+        )
     return {
         "dataset": Path(dataset_path).stem, "variant": variant, "seed": seed,
         "target_return": target, "curve": curve, "final_return": curve[-1]["return"],
