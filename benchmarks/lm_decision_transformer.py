@@ -34,8 +34,8 @@ import lmencoders
 from lmencoders.alignment import language_centroids
 from lmencoders.backbone import language_model
 from lmencoders.datasets import load_dataset
-from lmencoders.envs import make_env
-from lmencoders.statistics import curve_band
+from lmencoders.envs import make_env, normalized_score
+from lmencoders.statistics import aggregates, curve_band, improvement, scores_by_task, verdict
 
 VARIANTS = ("dt", "random", "pretrained", "pretrained+cos", "lora")
 
@@ -76,7 +76,8 @@ def run(dataset_path: str, variant: str, seed: int, args: argparse.Namespace) ->
     algo = build(variant, args)
     returns = [e.rewards.sum() for e in dataset.buffer.episodes]
     target = float(np.max(returns)) * args.target_scale
-    env = make_env(dataset.env or "Hopper-v5")
+    env_name = dataset.env or "Hopper-v5"
+    env = make_env(env_name)
     curve: list[dict] = []
     started = time.perf_counter()
     evaluation_seconds = 0.0
@@ -107,7 +108,8 @@ def run(dataset_path: str, variant: str, seed: int, args: argparse.Namespace) ->
             algo, Path(args.out) / "work" / f"{Path(dataset_path).stem}-{variant}"
         )
     return {
-        "dataset": Path(dataset_path).stem, "variant": variant, "seed": seed,
+        "dataset": Path(dataset_path).stem, "env": env_name, "variant": variant, "seed": seed,
+        "data_return": float(np.mean(returns)),
         "target_return": target, "curve": curve, "final_return": curve[-1]["return"],
         "train_seconds": curve[-1]["train_seconds"],
     }  # fmt: skip
@@ -150,8 +152,9 @@ def write_markdown(out: Path, runs: list[dict], args: argparse.Namespace, comman
         f"evaluation every {args.eval_every} steps over {args.episodes} episodes, target "
         f"return {args.target_scale} x the data's best. Seconds are training time only.",
         "",
-        "| dataset | variant | seeds | final return (mean +- std) | train s per run |",
-        "|---|---|---|---|---|",
+        "| dataset | variant | seeds | final return (mean +- std) | train s per run "
+        "| first step at the data's return (runs reaching it) |",
+        "|---|---|---|---|---|---|",
     ]
     for dataset in sorted({r["dataset"] for r in runs}):
         figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -163,7 +166,7 @@ def write_markdown(out: Path, runs: list[dict], args: argparse.Namespace, comman
             seconds = np.mean([r["train_seconds"] for r in group])
             lines.append(
                 f"| {dataset} | {variant} | {len(group)} | {final.mean():.1f} +- {final.std():.1f} "
-                f"| {seconds:.0f} |"
+                f"| {seconds:.0f} | {first_reaching(group)} |"
             )
             length = min(len(r["curve"]) for r in group)
             values = np.array([[p["return"] for p in r["curve"][:length]] for r in group])
@@ -185,7 +188,64 @@ def write_markdown(out: Path, runs: list[dict], args: argparse.Namespace, comman
         lines.append("")
         lines.append(f"![{dataset}](curves-{dataset}.png)")
         lines.append("")
+    lines += statistics_section(runs)
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
+
+
+def first_reaching(group: list[dict]) -> str:
+    """Mean first evaluated step whose return reaches the data's mean return (convergence
+    speed, Reid et al.'s second claim), over the runs that reach it."""
+    steps = [
+        next((p["step"] for p in r["curve"] if p["return"] >= r["data_return"]), None)
+        for r in group
+        if "data_return" in r  # runs written before it was recorded
+    ]
+    reached = [s for s in steps if s is not None]
+    if not steps:
+        return "-"
+    return (
+        f"{np.mean(reached):.0f} ({len(reached)}/{len(steps)})"
+        if reached
+        else f"- (0/{len(steps)})"
+    )
+
+
+PAIRS = [("pretrained", "random"), ("pretrained+cos", "pretrained"), ("random", "dt"),
+         ("pretrained", "dt"), ("lora", "pretrained")]  # fmt: skip
+
+
+def statistics_section(runs: list[dict]) -> list[str]:
+    """rliable's IQM and P(improvement) over the final returns (NeoRL-normalised): which
+    differences the intervals support."""
+    rows = [
+        {"dataset": r["dataset"], "method": r["variant"], "seed": r["seed"],
+         "mean_return": r["final_return"],
+         "normalized_score": normalized_score(r.get("env", "Hopper-v5"), r["final_return"])}
+        for r in runs
+    ]  # fmt: skip
+    tasks = list(scores_by_task(rows).values())
+    present = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
+    lines = [
+        "",
+        "## Statistics (rliable, final returns as NeoRL-normalised scores, 95% intervals)",
+        "",
+        "| variant | IQM | mean |",
+        "|---|---|---|",
+    ]
+    for variant, values in aggregates(tasks, present).items():
+        lines.append(f"| {variant} | {values['IQM']} | {values['mean']} |")
+    lines += [
+        "",
+        "| comparison | P(first > second) | what the interval supports |",
+        "|---|---|---|",
+    ]
+    for first, second in PAIRS:
+        probability = improvement(tasks, first, second)
+        if probability is not None:
+            lines.append(
+                f"| {first} vs {second} | {probability} | {verdict(probability, first, second)} |"
+            )
+    return lines
 
 
 def main() -> None:
