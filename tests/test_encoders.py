@@ -45,6 +45,16 @@ def factory_for(tiny_lm: str, tuning: str = "frozen", **kwargs) -> LMEncoderFact
 fit = quiet_fit
 
 
+def td3_plus_bc(factory: LMEncoderFactory, scaler) -> d3rlpy.algos.TD3PlusBC:
+    """TD3+BC (batch 16) with ``factory`` for actor and critic and ``scaler`` as its own."""
+    return d3rlpy.algos.TD3PlusBCConfig(
+        actor_encoder_factory=factory,
+        critic_encoder_factory=factory,
+        observation_scaler=scaler,
+        batch_size=16,
+    ).create()
+
+
 def checkpoint_state(algo) -> dict[str, torch.Tensor]:
     """Every tensor a saved ``.d3`` file holds, flattened to name -> tensor."""
     raw = io.BytesIO()
@@ -340,12 +350,7 @@ def test_a_factory_without_a_scaler_uses_the_algorithms_own(name, tiny_lm, hoppe
 def test_an_unfitted_factory_scaler_defers_to_the_algorithms(tiny_lm, hopper_dataset):
     factory = factory_for(tiny_lm)  # its own StandardObservationScaler object, never fitted
     scaler = d3rlpy.preprocessing.StandardObservationScaler()
-    algo = d3rlpy.algos.TD3PlusBCConfig(
-        actor_encoder_factory=factory,
-        critic_encoder_factory=factory,
-        observation_scaler=scaler,
-        batch_size=16,
-    ).create()
+    algo = td3_plus_bc(factory, scaler)
     fit(algo, hopper_dataset, steps=1)
     assert all(f.observation_scaler is scaler for f in _lm_encoders(algo))
 
@@ -355,17 +360,10 @@ def test_a_factory_scaler_that_contradicts_the_algorithm_is_refused(tiny_lm, hop
 
     fitted = d3rlpy.preprocessing.StandardObservationScaler(mean=np.zeros(12), std=np.ones(12))
     factory = factory_for(tiny_lm, observation_scaler=fitted)
-    algo = d3rlpy.algos.TD3PlusBCConfig(
-        actor_encoder_factory=factory,
-        critic_encoder_factory=factory,
-        observation_scaler=d3rlpy.preprocessing.StandardObservationScaler(),
-        batch_size=16,
-    ).create()
+    algo = td3_plus_bc(factory, d3rlpy.preprocessing.StandardObservationScaler())
     with pytest.raises(ConfigError, match="another object than TD3PlusBC's.*Leave the factory's"):
         fit(algo, hopper_dataset, steps=1)
-    algo = d3rlpy.algos.TD3PlusBCConfig(
-        actor_encoder_factory=factory, critic_encoder_factory=factory, batch_size=16
-    ).create()
+    algo = td3_plus_bc(factory, None)
     with pytest.raises(ConfigError, match="TD3PlusBC has none"):
         fit(algo, hopper_dataset, steps=1)
 
@@ -378,12 +376,7 @@ def test_building_leaves_the_algorithms_scaler_unpinned(tuning, tiny_lm, hopper_
     'Expected all tensors to be on the same device' (seen on an H100)."""
     scaler = d3rlpy.preprocessing.StandardObservationScaler()
     factory = factory_for(tiny_lm, tuning, observation_scaler=scaler)
-    algo = d3rlpy.algos.TD3PlusBCConfig(
-        actor_encoder_factory=factory,
-        critic_encoder_factory=factory,
-        observation_scaler=scaler,
-        batch_size=16,
-    ).create()
+    algo = td3_plus_bc(factory, scaler)
     if tuning == "frozen":
         factory.precompute(hopper_dataset, cache_dir=False, show_progress=False)
     scaler.fit_with_transition_picker(
