@@ -63,6 +63,8 @@ def scaler_on(scaler: ObservationScaler, device: torch.device) -> ObservationSca
     key = (id(scaler), str(device))
     owner, seen, copy = _SCALER_COPIES.get(key, (None, (), None))
     if owner is None or owner() is not scaler or seen != fields:  # new, reused id, or refitted
+        for dead in [k for k, (o, _, _) in _SCALER_COPIES.items() if o() is None]:
+            del _SCALER_COPIES[dead]
         copy = dataclasses.replace(scaler)
         _SCALER_COPIES[key] = (weakref.ref(scaler), fields, copy)
     return copy
