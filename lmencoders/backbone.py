@@ -295,6 +295,39 @@ def _load_pretrained(name: str) -> tuple[str, Any, nn.Module]:
     return path, tokenizer, model
 
 
+class PreparedTexts:
+    """Texts as token ids (distinct texts, chunked), and their length-sorted padded batches
+    per (batch size, device), made once and reused by every forward pass over them."""
+
+    def __init__(self, chunks: Chunks, inverse: np.ndarray, pad_id: int, reused: bool) -> None:
+        self.chunks, self.inverse, self.pad_id = chunks, inverse, pad_id
+        self.reused = reused  # keep the batches on the device (else made lazily, one by one)
+        self._batches: dict[tuple[int, str], list] = {}
+        self._inverse: dict[str, torch.Tensor] = {}
+
+    def inverse_on(self, device: torch.device) -> torch.Tensor:
+        """The index from each text to its distinct text, on ``device``."""
+        key = str(device)
+        if key not in self._inverse:
+            self._inverse[key] = torch.as_tensor(self.inverse, device=device)
+        return self._inverse[key]
+
+    def buckets(
+        self, batch_size: int, device: torch.device
+    ) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(positions, input_ids, attention_mask)`` batches on ``device``."""
+        made = (
+            (torch.as_tensor(p, device=device), ids.to(device), mask.to(device))
+            for p, ids, mask in length_buckets(self.chunks.ids, batch_size, self.pad_id)
+        )
+        if not self.reused:  # one pass (a precompute): no need to hold them all at once
+            return made
+        key = (batch_size, str(device))
+        if key not in self._batches:
+            self._batches[key] = list(made)
+        return self._batches[key]
+
+
 class LanguageModel:
     """One frozen LM body with its tokenizer, shared by every encoder that uses it."""
 
@@ -353,6 +386,28 @@ class LanguageModel:
                 out = self.model(**inputs)
         return out.last_hidden_state.float()
 
+    def prepare(
+        self,
+        segments: Sequence[Sequence[str]],
+        separator: str,
+        *,
+        max_length: int | None = None,
+        cache_tokens: bool = False,
+    ) -> PreparedTexts:
+        """N texts given as segments, as the token ids of their distinct texts (chunked where
+        longer than the window), ready for any number of forward passes. ``cache_tokens``, for
+        texts that come back (tuned encoders re-read the dataset every update): the ids of each
+        text are kept across calls, and the padded batches stay on the device for every pass
+        over these texts."""
+        window = min(optional_positive(max_length, "max_length") or self.window, self.window)
+        firsts, inverse = _distinct(separator.join(s) for s in segments)
+        distinct = [segments[i] for i in firsts]
+        if cache_tokens:
+            chunks = self.token_cache.chunks(self.tokenizer, distinct, separator, window)
+        else:
+            chunks = tokenize_texts(self.tokenizer, distinct, separator, window)
+        return PreparedTexts(chunks, inverse, self.tokenizer.pad_token_id or 0, cache_tokens)
+
     def encode(
         self,
         segments: Sequence[Sequence[str]],
@@ -373,43 +428,58 @@ class LanguageModel:
         With ``vocabulary`` (sorted token ids), a token outside it raises
         :class:`UnreachableTokenError` instead of silently using an untrained row.
         """
-        window = min(optional_positive(max_length, "max_length") or self.window, self.window)
+        # a tuned encoder (parameters) sees the same dataset texts every update; frozen
+        # features are computed once per text and then looked up
+        prepared = self.prepare(
+            segments, separator, max_length=max_length, cache_tokens=bool(parameters)
+        )
+        return self.encode_prepared(
+            prepared, pooling=pooling, batch_size=batch_size, parameters=parameters,
+            show_progress=show_progress, vocabulary=vocabulary, precision=precision,
+        )  # fmt: skip
+
+    def encode_prepared(
+        self,
+        prepared: PreparedTexts,
+        *,
+        pooling: str = "mean",
+        batch_size: int | None = None,
+        parameters: dict[str, torch.Tensor] | None = None,
+        show_progress: bool = False,
+        vocabulary: np.ndarray | None = None,
+        precision: str = "float32",
+    ) -> torch.Tensor:
+        """:meth:`encode` of texts already :meth:`prepare`-d."""
         batch_size = optional_positive(batch_size, "batch_size") or default_batch_size(self.device)
-        firsts, inverse = _distinct(separator.join(s) for s in segments)
-        distinct = [segments[i] for i in firsts]
-        if parameters:  # a tuned encoder: the same dataset texts come back every update
-            chunks = self.token_cache.chunks(self.tokenizer, distinct, separator, window)
-        else:  # frozen features are computed once per text and then looked up
-            chunks = tokenize_texts(self.tokenizer, distinct, separator, window)
         if vocabulary is not None:
-            self._check_vocabulary(chunks.ids, vocabulary)
+            self._check_vocabulary(prepared.chunks.ids, vocabulary)
         needs_grad = bool(parameters) and torch.is_grad_enabled()
         with torch.set_grad_enabled(needs_grad) if needs_grad else torch.inference_mode():
             pooled, weights = self._pooled_chunks(
-                chunks.ids, POOLINGS[pooling], batch_size, parameters, show_progress, precision
+                prepared, POOLINGS[pooling], batch_size, parameters, show_progress, precision
             )
-            merged = _merge_chunks(chunks, pooled, weights)
-        return merged[torch.as_tensor(inverse, device=self.device)]
+            merged = _merge_chunks(prepared.chunks, pooled, weights)
+        return merged[prepared.inverse_on(self.device)]
 
     def _pooled_chunks(
         self,
-        ids: Sequence[Sequence[int]],
+        prepared: PreparedTexts,
         pool: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
         batch_size: int,
         parameters: dict[str, torch.Tensor] | None,
         show_progress: bool,
         precision: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pooled vector and merge weight per chunk, in ``ids`` order (batches run sorted
+        """One pooled vector and merge weight per chunk, in chunk order (batches run sorted
         by length, each padded to its own longest)."""
         device = self.device
-        pad_id = self.tokenizer.pad_token_id or 0
+        count = len(prepared.chunks.ids)
         parts = []
-        bar = tqdm(total=len(ids), desc="LM forward", unit="chunk", disable=not show_progress)
-        for positions, input_ids, mask in length_buckets(ids, batch_size, pad_id):
-            hidden = self._hidden(input_ids.to(device), mask.to(device), parameters, precision)
-            vectors, w = pool(hidden, mask.to(device))
-            parts.append((torch.as_tensor(positions, device=device), vectors, w))
+        bar = tqdm(total=count, desc="LM forward", unit="chunk", disable=not show_progress)
+        for positions, input_ids, mask in prepared.buckets(batch_size, device):
+            hidden = self._hidden(input_ids, mask, parameters, precision)
+            vectors, w = pool(hidden, mask)
+            parts.append((positions, vectors, w))
             bar.update(len(positions))
         bar.close()
         if torch.is_grad_enabled():  # keep the graph: assemble without in-place writes
@@ -417,8 +487,8 @@ class LanguageModel:
             return torch.cat([v for _, v, _ in parts])[order], torch.cat([w for _, _, w in parts])[
                 order
             ]
-        pooled = torch.empty(len(ids), self.hidden_size, device=device)
-        weights = torch.empty(len(ids), device=device)
+        pooled = torch.empty(count, self.hidden_size, device=device)
+        weights = torch.empty(count, device=device)
         for positions, vectors, w in parts:
             pooled[positions] = vectors
             weights[positions] = w

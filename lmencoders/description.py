@@ -142,6 +142,9 @@ def _escape(text: str) -> str:
 
 
 SEGMENT_CACHE = 100_000  # observations whose segments a description keeps (~1 kB each)
+# fingerprint -> {observation codes: segments}: one cache per description content, however
+# many description objects (one per encoder) share it
+_SEGMENT_CACHES: dict[str, dict[bytes, list[str]]] = {}
 
 
 class StateDescription:
@@ -319,7 +322,7 @@ class StateDescription:
         (profiled). Past the limit the cache starts over."""
         codes = self.quantize(observations)
         keys = [row.tobytes() for row in codes]
-        cache = self.__dict__.setdefault("_segment_cache", {})
+        cache = _SEGMENT_CACHES.setdefault(self.fingerprint, {})
         found = [cache.get(k) for k in keys]
         missing = [i for i, segments in enumerate(found) if segments is None]
         if missing:
@@ -328,9 +331,6 @@ class StateDescription:
             for i, segments in zip(missing, self.segments_from_codes(codes[missing])):
                 found[i] = cache[keys[i]] = segments
         return found  # type: ignore[return-value]
-
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_segment_cache"}
 
     def sample_texts(self, rows: int = 256, seed: int = 0) -> list[str]:
         """Texts of made-up observations over many magnitudes, plus the non-finite tokens:

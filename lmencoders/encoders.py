@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import os
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +43,7 @@ from .backbone import (
     POOLING_NAMES,
     TUNING_MODES,
     LanguageModel,
+    PreparedTexts,
     TuningMode,
     by_body_name,
     check_precision,
@@ -61,6 +63,10 @@ from .readout import PieceReadout
 from .tokens import reachable_token_ids
 
 __all__ = ["LMEncoderFactory", "LMEncoder", "LMEncoderWithAction", "TextFeatures"]
+
+
+_PREPARED_LOCK = threading.Lock()
+_RECENT_PREPARED: list[tuple[torch.Tensor, tuple, PreparedTexts]] = []  # see TextFeatures
 
 
 class TextFeatures(nn.Module):
@@ -109,6 +115,7 @@ class TextFeatures(nn.Module):
             )
         )
         self._memo: tuple[torch.Tensor, tuple, torch.Tensor] | None = None
+        self._rows_on_host: tuple[tuple[int, int], np.ndarray] | None = None
         self._substitute: torch.Tensor | None = None
         # pooling "segments": the table holds one vector per piece; a trained readout reads them
         self.readout: PieceReadout | None = None
@@ -180,8 +187,16 @@ class TextFeatures(nn.Module):
             parameters[self._embedding_name] = full.index_copy(
                 0, rows, parameters[self._embedding_name]
             )
-            vocabulary = rows.cpu().numpy()
+            vocabulary = self._vocabulary(rows)
         return lm, parameters, vocabulary
+
+    def _vocabulary(self, rows: torch.Tensor) -> np.ndarray:
+        """The trainable embedding rows as a host array, copied from the device once (a copy
+        per LM pass would make the host wait for the device every time)."""
+        key = (rows.data_ptr(), rows._version)
+        if self._rows_on_host is None or self._rows_on_host[0] != key:
+            self._rows_on_host = (key, rows.cpu().numpy())
+        return self._rows_on_host[1]
 
     @contextlib.contextmanager
     def substituted(self, features: torch.Tensor) -> Iterator[None]:
@@ -195,17 +210,38 @@ class TextFeatures(nn.Module):
 
     def _tuned_features(self, x: torch.Tensor) -> torch.Tensor:
         lm, parameters, vocabulary = self.lm_and_parameters(x.device)
-        raw = self.raw_observations(x).detach().cpu().numpy()
-        return lm.encode(
-            self.description.cached_segments(raw),
-            self.description.separator,
+        return lm.encode_prepared(
+            self._prepared(x, lm),
             pooling=self.pooling,
-            max_length=self.max_length,
             batch_size=self.batch_size,
             parameters=parameters,
             vocabulary=vocabulary,
             precision=self.precision,
         )
+
+    def _prepared(self, x: torch.Tensor, lm: LanguageModel) -> PreparedTexts:
+        """The token batches of an input tensor, shared by every encoder that reads the same
+        tensor with the same description, scaler and LM: in one TD3+BC update the critics,
+        target critics, actor and target actor read only two batches (``obs`` and
+        ``next_obs``), so the host work (copy to the host, unscale, text, tokens, padded
+        batches on the device) runs twice instead of once per LM pass. The tensor itself is
+        held, so its memory cannot be reused by another batch while remembered."""
+        key = (x._version, id(self.observation_scaler), self.description.fingerprint, id(lm),
+               self.max_length)  # fmt: skip
+        with _PREPARED_LOCK:
+            for tensor, tensor_key, prepared in _RECENT_PREPARED:
+                if tensor is x and tensor_key == key:
+                    return prepared
+        raw = self.raw_observations(x).detach().cpu().numpy()
+        prepared = lm.prepare(
+            self.description.cached_segments(raw),
+            self.description.separator,
+            max_length=self.max_length,
+            cache_tokens=True,
+        )
+        with _PREPARED_LOCK:
+            _RECENT_PREPARED[:] = [(x, key, prepared), *_RECENT_PREPARED[:3]]
+        return prepared
 
     def _load_from_state_dict(
         self, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any, **kwargs: Any

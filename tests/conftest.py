@@ -51,17 +51,18 @@ def quick_bootstrap(monkeypatch):
 
 @pytest.fixture
 def lm_texts(monkeypatch) -> list[int]:
-    """Texts per LM call (a spy on LanguageModel.encode that calls through)."""
+    """Texts per LM pass (a spy on LanguageModel.encode_prepared, which every mean-pooled
+    pass goes through, that calls through)."""
     from lmencoders.backbone import LanguageModel
 
     seen: list[int] = []
-    original = LanguageModel.encode
+    original = LanguageModel.encode_prepared
 
-    def counting(self, segments, *args, **kwargs):
-        seen.append(len(segments))
-        return original(self, segments, *args, **kwargs)
+    def counting(self, prepared, *args, **kwargs):
+        seen.append(len(prepared.inverse))
+        return original(self, prepared, *args, **kwargs)
 
-    monkeypatch.setattr(LanguageModel, "encode", counting)
+    monkeypatch.setattr(LanguageModel, "encode_prepared", counting)
     return seen
 
 

@@ -268,19 +268,23 @@ def test_rendering_a_sentinel_code_is_refused():
 
 
 def test_cached_segments_are_the_formatted_segments(monkeypatch):
-    import pickle
-
     import lmencoders.description as description_module
 
+    monkeypatch.setattr(description_module, "_SEGMENT_CACHES", {})
     description = load_description("hopper")
     rng = np.random.default_rng(0)
     batch = rng.normal(size=(6, 12))
     batch[3] = batch[0]  # a repeat within one batch
     for _ in range(2):  # rendered, then from the cache
         assert description.cached_segments(batch) == description.format_segments(batch)
-    assert len(description._segment_cache) == 5
+    cache = description_module._SEGMENT_CACHES[description.fingerprint]
+    assert len(cache) == 5
+    same = load_description("hopper")  # another object with the same content shares it
+    assert same is not description and same.cached_segments(
+        batch[:2]
+    ) == description.format_segments(batch[:2])
+    assert list(description_module._SEGMENT_CACHES) == [description.fingerprint]
     monkeypatch.setattr(description_module, "SEGMENT_CACHE", 7)
     more = rng.normal(size=(4, 12))
     assert description.cached_segments(more) == description.format_segments(more)
-    assert len(description._segment_cache) == 4  # over the limit: started over
-    assert "_segment_cache" not in pickle.loads(pickle.dumps(description)).__dict__
+    assert len(cache) == 4  # over the limit: started over

@@ -266,19 +266,28 @@ def test_bodies_are_shared_across_tuning_modes(tiny_lm):
 
 @pytest.mark.parametrize("share, passes", [(False, 65), (True, 40)])
 def test_critics_sharing_an_encoder_run_the_lm_once_per_batch(
-    share, passes, tiny_lm, hopper_dataset, lm_texts
+    share, passes, tiny_lm, hopper_dataset, lm_texts, monkeypatch
 ):
+    from lmencoders.backbone import LanguageModel
+
     algo = build(
         ALGORITHMS["td3+bc"],
         factory_for(tiny_lm, "ln_embed"),
         q_func_factory=d3rlpy.models.MeanQFunctionFactory(share_encoder=share),
     )
     algo.build_with_dataset(hopper_dataset)
+    prepared = []
+    original = LanguageModel.prepare
+    monkeypatch.setattr(
+        LanguageModel, "prepare", lambda *a, **k: prepared.append(1) or original(*a, **k)
+    )
     lm_texts.clear()
     fit(algo, hopper_dataset, steps=10)
     # TD3+BC per update: critic step 5 encoder calls (target policy, 2 target critics, 2
     # critics), actor step every 2nd update 3 more; shared critics: 3 + 1 of those are one pass.
     assert len(lm_texts) == passes
+    # The host work (text, tokens, batches) once per batch tensor: obs and next_obs.
+    assert len(prepared) == 2 * 10
 
 
 def test_unreachable_tokens_are_an_error_not_a_silently_frozen_row(tiny_lm):
@@ -395,3 +404,28 @@ def test_building_leaves_the_algorithms_scaler_unpinned(tuning, tiny_lm, hopper_
         (obs - torch.as_tensor(scaler.mean, dtype=torch.float32))
         / (torch.as_tensor(scaler.std, dtype=torch.float32) + scaler.eps),
     )
+
+
+def test_encoders_reading_one_tensor_share_its_host_work_and_see_in_place_changes(
+    tiny_lm, monkeypatch
+):
+    from lmencoders.backbone import LanguageModel
+
+    factory = factory_for(tiny_lm, "ln_embed", observation_scaler=None)
+    actor, critic = factory.create((12,)), factory.create((12,))
+    prepared = []
+    original = LanguageModel.prepare
+    monkeypatch.setattr(
+        LanguageModel, "prepare", lambda *a, **k: prepared.append(1) or original(*a, **k)
+    )
+    x = torch.as_tensor(np.random.default_rng(0).normal(size=(6, 12)), dtype=torch.float32)
+    with torch.no_grad():
+        first, second = actor(x), critic(x)
+        assert len(prepared) == 1  # one text / token preparation for both encoders
+        alone = critic(x.clone())  # a new tensor with the same values: prepared anew
+        assert len(prepared) == 2 and torch.equal(second, alone)
+        assert torch.equal(actor(x), first)
+        x[0, 3] += 1.0  # changed in place: its old preparation must not be reused
+        changed = actor(x)
+        assert len(prepared) == 3 and not torch.equal(changed[0], first[0])
+        assert torch.equal(changed[1:], first[1:])
