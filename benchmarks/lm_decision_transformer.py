@@ -210,6 +210,7 @@ def first_reaching(group: list[dict]) -> str:
     )
 
 
+MIN_SEEDS = 3
 PAIRS = [("pretrained", "random"), ("pretrained+cos", "pretrained"), ("random", "dt"),
          ("pretrained", "dt"), ("lora", "pretrained")]  # fmt: skip
 
@@ -224,7 +225,11 @@ def statistics_section(runs: list[dict]) -> list[str]:
         for r in runs
     ]  # fmt: skip
     tasks = list(scores_by_task(rows).values())
-    present = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
+    # an interval from one or two runs says nothing: only variants with 3+ seeds on every task
+    present = [
+        v for v in VARIANTS
+        if all(len(t.by_method.get(v, {})) >= MIN_SEEDS for t in tasks)
+    ]  # fmt: skip
     lines = [
         "",
         "## Statistics (rliable, final returns as NeoRL-normalised scores, 95% intervals)",
@@ -239,7 +244,11 @@ def statistics_section(runs: list[dict]) -> list[str]:
         "| comparison | P(first > second) | what the interval supports |",
         "|---|---|---|",
     ]
+    if not present:
+        return lines[:3] + [f"(intervals once a variant has {MIN_SEEDS} seeds on every dataset)"]
     for first, second in PAIRS:
+        if first not in present or second not in present:
+            continue
         probability = improvement(tasks, first, second)
         if probability is not None:
             lines.append(
@@ -271,6 +280,11 @@ def main() -> None:
     parser.add_argument(
         "--time-updates", type=int, default=0, help="only time this many updates per variant"
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write RESULTS.md from the finished runs, run none",
+    )
     args = parser.parse_args()
     if args.time_updates:
         if args.time_updates < 4:
@@ -280,7 +294,7 @@ def main() -> None:
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    for dataset in args.datasets:
+    for dataset in [] if args.report_only else args.datasets:
         for seed in args.seeds:
             for variant in args.variants:
                 done = out / "runs" / f"{Path(dataset).stem}-{variant}-seed{seed}.json"
