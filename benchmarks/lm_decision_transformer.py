@@ -305,7 +305,8 @@ def main() -> None:
                     break
                 done.write_text(json.dumps(run(dataset, variant, seed, args), indent=1))
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
-    command = "python " + shlex.join(["benchmarks/lm_decision_transformer.py", *sys.argv[1:]])
+    argv = [a for a in sys.argv[1:] if a != "--report-only"]  # the command that runs them
+    command = "python " + shlex.join(["benchmarks/lm_decision_transformer.py", *argv])
     write_markdown(out, runs, args, command)
     print(f"wrote {out / 'RESULTS.md'}")
 
