@@ -150,7 +150,9 @@ def write_markdown(out: Path, runs: list[dict], args: argparse.Namespace, comman
         "",
         f"{args.steps} gradient steps, context {args.context}, batch {args.batch_size}, "
         f"evaluation every {args.eval_every} steps over {args.episodes} episodes, target "
-        f"return {args.target_scale} x the data's best. Seconds are training time only.",
+        f"return {args.target_scale} x the data's best. Seconds are training time only, on a "
+        "2-core machine that ran other jobs beside these runs (how many varied): compare "
+        "wall-clock only between runs made under the same load.",
         "",
         "| dataset | variant | seeds | final return (mean +- std) | train s per run "
         "| first step at the data's return (runs reaching it) |",
@@ -174,7 +176,8 @@ def write_markdown(out: Path, runs: list[dict], args: argparse.Namespace, comman
             wall = np.mean([[p["train_seconds"] for p in r["curve"][:length]] for r in group], 0)
             mean, low, high = curve_band(values)
             for axis, x in ((by_step, steps), (by_time, wall)):
-                axis.plot(x, mean, label=f"{variant} ({len(group)} seeds)")
+                seeds = f"{len(group)} seed" + ("s" if len(group) > 1 else "")
+                axis.plot(x, mean, label=f"{variant} ({seeds})")
                 axis.fill_between(x, low, high, alpha=0.15)
         by_step.set_xlabel("gradient steps")
         by_time.set_xlabel("training seconds (2-core CPU)")
