@@ -27,3 +27,13 @@ def test_every_library_signature_is_typed():
         [ruff, "check", "--select", rules, "lmencoders"], cwd=ROOT, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "scripts").glob("*.sh")), ids=lambda p: p.name)
+def test_scripts_parse_and_refuse_unknown_stages(script):
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    if script.name == "evidence-grid.sh":
+        result = subprocess.run(
+            ["bash", str(script), "nonsense"], cwd=ROOT, capture_output=True, text=True
+        )
+        assert result.returncode == 2 and "unknown stage nonsense" in result.stderr
