@@ -68,6 +68,11 @@ def build(variant: str, args: argparse.Namespace) -> d3rlpy.base.LearnableBase:
     return lmencoders.LMDecisionTransformerConfig(**lm, **common).create(device=args.device)
 
 
+def data_return(dataset_path: str) -> float:
+    """Mean return of the dataset's trajectories."""
+    return float(np.mean([e.rewards.sum() for e in load_dataset(dataset_path).buffer.episodes]))
+
+
 def run(dataset_path: str, variant: str, seed: int, args: argparse.Namespace) -> dict:
     dataset = load_dataset(dataset_path)
     if variant == "pretrained+cos":  # K-means once, cached, outside the timed training
@@ -201,7 +206,7 @@ def first_reaching(group: list[dict]) -> str:
     steps = [
         next((p["step"] for p in r["curve"] if p["return"] >= r["data_return"]), None)
         for r in group
-        if "data_return" in r  # runs written before it was recorded
+        if r.get("data_return") is not None
     ]
     reached = [s for s in steps if s is not None]
     if not steps:
@@ -308,6 +313,9 @@ def main() -> None:
                     break
                 done.write_text(json.dumps(run(dataset, variant, seed, args), indent=1))
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    data_returns = {Path(d).stem: data_return(d) for d in args.datasets}
+    for r in runs:  # runs written before the field existed
+        r.setdefault("data_return", data_returns.get(r["dataset"]))
     argv = [a for a in sys.argv[1:] if a != "--report-only"]  # the command that runs them
     command = "python " + shlex.join(["benchmarks/lm_decision_transformer.py", *argv])
     write_markdown(out, runs, args, command)
