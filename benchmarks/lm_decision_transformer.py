@@ -68,19 +68,14 @@ def build(variant: str, args: argparse.Namespace) -> d3rlpy.base.LearnableBase:
     return lmencoders.LMDecisionTransformerConfig(**lm, **common).create(device=args.device)
 
 
-def data_return(dataset_path: str) -> float:
-    """Mean return of the dataset's trajectories."""
-    return float(np.mean([e.rewards.sum() for e in load_dataset(dataset_path).buffer.episodes]))
-
-
 def run(dataset_path: str, variant: str, seed: int, args: argparse.Namespace) -> dict:
     dataset = load_dataset(dataset_path)
     if variant == "pretrained+cos":  # K-means once, cached, outside the timed training
         language_centroids(language_model(args.model), 1000)
     d3rlpy.seed(seed)
     algo = build(variant, args)
-    returns = [e.rewards.sum() for e in dataset.buffer.episodes]
-    target = float(np.max(returns)) * args.target_scale
+    returns = dataset.returns()
+    target = float(returns.max()) * args.target_scale
     env_name = dataset.env or "Hopper-v5"
     env = make_env(env_name)
     curve: list[dict] = []
@@ -114,7 +109,7 @@ def run(dataset_path: str, variant: str, seed: int, args: argparse.Namespace) ->
         )
     return {
         "dataset": Path(dataset_path).stem, "env": env_name, "variant": variant, "seed": seed,
-        "data_return": float(np.mean(returns)),
+        "data_return": float(returns.mean()),
         "target_return": target, "curve": curve, "final_return": curve[-1]["return"],
         "train_seconds": curve[-1]["train_seconds"],
     }  # fmt: skip
@@ -313,9 +308,13 @@ def main() -> None:
                     break
                 done.write_text(json.dumps(run(dataset, variant, seed, args), indent=1))
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
-    data_returns = {Path(d).stem: data_return(d) for d in args.datasets}
-    for r in runs:  # runs written before the field existed
-        r.setdefault("data_return", data_returns.get(r["dataset"]))
+    paths, data_returns = {Path(d).stem: d for d in args.datasets}, {}
+    for r in runs:  # runs written before the field existed: read it from their dataset
+        if "data_return" not in r and r["dataset"] in paths:
+            if r["dataset"] not in data_returns:
+                data = load_dataset(paths[r["dataset"]])
+                data_returns[r["dataset"]] = float(data.returns().mean())
+            r["data_return"] = data_returns[r["dataset"]]
     argv = [a for a in sys.argv[1:] if a != "--report-only"]  # the command that runs them
     command = "python " + shlex.join(["benchmarks/lm_decision_transformer.py", *argv])
     write_markdown(out, runs, args, command)
