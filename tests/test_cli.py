@@ -375,6 +375,9 @@ def test_sac_reads_gymnasium_observations_and_the_data_keep_x(tmp_path):
                    sample_probability=0.0, seed=3)  # fmt: skip
     assert data["obs"].shape[1] == 12 and (data["obs"][1:, 0] != data["obs"][0, 0]).any()
     np.testing.assert_allclose(data["action"], sac.predict(data["obs"][:, 1:]), atol=1e-6)
+    with pytest.raises(ConfigError, match="reads 11 observation entries, the environment gives 18"):
+        rollout(sac, make_env("Walker2d-v5"), trajectories=1, max_steps=2,
+                sample_probability=0.0, seed=0)  # fmt: skip
 
     with_x = tmp_path / "with-x"
     config = CollectConfig(out_dir=str(with_x), sac_sees_positions=True, **settings)
