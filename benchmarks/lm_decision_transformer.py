@@ -154,9 +154,13 @@ def write_markdown(out: Path, runs: list[dict], args: argparse.Namespace, comman
         "2-core machine that ran other jobs beside these runs (how many varied): compare "
         "wall-clock only between runs made under the same load.",
         "",
-        "| dataset | variant | seeds | final return (mean +- std) | train s per run "
+        "The final return rests on one evaluation; the mean over a run's evaluations (every "
+        "point of its curve) is a less noisy summary of the same run.",
+        "",
+        "| dataset | variant | seeds | final return (mean +- std) "
+        "| mean over evaluations (mean +- std) | train s per run "
         "| first step at the data's return (runs reaching it) |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for dataset in sorted({r["dataset"] for r in runs}):
         figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -165,9 +169,11 @@ def write_markdown(out: Path, runs: list[dict], args: argparse.Namespace, comman
             if not group:
                 continue
             final = np.array([r["final_return"] for r in group])
+            overall = np.array([np.mean([p["return"] for p in r["curve"]]) for r in group])
             seconds = np.mean([r["train_seconds"] for r in group])
             lines.append(
                 f"| {dataset} | {variant} | {len(group)} | {final.mean():.1f} +- {final.std():.1f} "
+                f"| {overall.mean():.1f} +- {overall.std():.1f} "
                 f"| {seconds:.0f} | {first_reaching(group)} |"
             )
             length = min(len(r["curve"]) for r in group)

@@ -112,6 +112,12 @@ class ReportConfig:
     out: str = option("experiments", "the experiment folder")
     results: str = option("RESULTS.md", "Markdown file to write")
     notes: str | None = option(None, "a Markdown file of comments to include")
+    sections: list[str] = option(
+        [], "generated Markdown reports to include as sections (e.g. a benchmark's RESULTS.md)"
+    )
+    sections_only: bool = option(
+        False, "only refresh the --sections blocks of the existing RESULTS.md; read no runs"
+    )
 
 
 def _precompute(args: argparse.Namespace) -> int:
@@ -299,10 +305,18 @@ def _attention(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from .report import write_results
+    from .sections import place_sections
 
     config = from_args(ReportConfig, args)
+    if config.sections_only:
+        results = Path(config.results)
+        if not results.is_file():
+            raise FileNotFoundError(f"--sections-only: no {results} to refresh (report without it)")
+        results.write_text(place_sections(results.read_text(), config.sections, results))
+        print(f"refreshed {len(config.sections)} section(s) of {results}")
+        return 0
     notes = Path(config.notes).read_text() if config.notes else ""
-    print(write_results(config.out, config.results, notes))
+    print(write_results(config.out, config.results, notes, config.sections))
     return 0
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from .datasets import file_md5
 from .experiments import METHODS, PAPER_RESULTS
+from .sections import place_sections
 from .statistics import curve_band
 
 __all__ = ["write_results"]
@@ -340,10 +341,14 @@ def _relative_to_here(command: str) -> str:
 
 
 def write_results(
-    out_dir: str | Path, results_file: str | Path = "RESULTS.md", notes: str = ""
+    out_dir: str | Path,
+    results_file: str | Path = "RESULTS.md",
+    notes: str = "",
+    sections: list[str | Path] = (),
 ) -> str:
     """Write ``RESULTS.md`` (table, commands, paper numbers) with its CSV and plots in a
-    ``results/`` folder beside it; returns the table."""
+    ``results/`` folder beside it, and the other generated reports in ``sections`` as
+    sections of it; returns the table."""
     out, target = Path(out_dir), Path(results_file)
     runs = _finished_runs(out)
     table = _tables(out, runs)
@@ -381,5 +386,5 @@ def write_results(
         "the paper gives no LM-Finetune number for FinRL.\n\n"
         f"{_paper_table()}\n"
     )
-    target.write_text(text)
+    target.write_text(place_sections(text, list(sections), target))
     return table

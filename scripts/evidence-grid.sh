@@ -47,7 +47,8 @@ case "$stage" in
       --eval-episodes "${EPISODES[$task]}" "${budget[@]}"
     ;;
   report)
-    lmencoders report --out experiments/grid --results RESULTS.md --notes results/notes.md
+    lmencoders report --out experiments/grid --results RESULTS.md --notes results/notes.md \
+      --sections results/lm-decision-transformer/RESULTS.md
     ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

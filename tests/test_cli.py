@@ -194,8 +194,11 @@ def test_experiment_runs_in_resumable_parts_and_reports(
     assert lm_result["hardware"].endswith("threads")  # trained on the CPU
     results = tmp_path / "RESULTS.md"
     monkeypatch.chdir(tmp_path)  # as in a repository: recorded paths under it become relative
-    assert main(["report", "--out", str(tmp_path / "exp"), "--results", str(results)]) == 0
+    (tmp_path / "bench.md").write_text("# A benchmark\n\n![curves](curves.png)\n")
+    report = ["report", "--out", str(tmp_path / "exp"), "--results", str(results)]
+    assert main(report + ["--sections", "bench.md"]) == 0
     text = results.read_text()
+    assert text.index("## A benchmark") < text.index("## The paper's numbers")
     assert "--out exp" in text and f"--out {tmp_path}" not in text
     assert "| Hopper-v5-low-3-train | 3 | BC |" in text and "TD3+BC LM-No-Tune" in text
     cell = next(line for line in text.splitlines() if "| Hopper-v5-low-3-train | 3 | BC |" in line)
