@@ -107,6 +107,18 @@ def make_tiny_lm(path: Path, seed: int = 0, window: int = 64) -> Path:
     return path
 
 
+def make_tiny_causal_lm(path: Path, seed: int = 0, window: int = 64) -> Path:
+    """:func:`make_tiny_lm`'s tokenizer with a 2-layer GPT-2 saved with its (tied) LM head."""
+    make_tiny_lm(path, seed, window)
+    torch.manual_seed(seed)
+    vocab_size = len(transformers.AutoTokenizer.from_pretrained(path))
+    config = transformers.GPT2Config(
+        vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=window
+    )
+    transformers.GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory) -> str:
     return str(make_tiny_lm(tmp_path_factory.mktemp("lm") / "tiny-bert"))

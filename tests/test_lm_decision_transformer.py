@@ -7,13 +7,15 @@ import d3rlpy
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_lm, neorl_arrays, quiet_fit
+import transformers
+from conftest import make_tiny_causal_lm, make_tiny_lm, neorl_arrays, quiet_fit
 
 import lmencoders
 from lmencoders.algos.torch.lm_decision_transformer_impl import causal_mask
 from lmencoders.alignment import annealed_weight, cosine_alignment_loss, language_centroids
 from lmencoders.backbone import language_model
 from lmencoders.errors import ConfigError, ModelMismatchError
+from lmencoders.language_loss import TextCorpus
 
 
 def config(tiny_lm: str, **overrides) -> lmencoders.LMDecisionTransformerConfig:
@@ -145,16 +147,20 @@ def test_a_checkpoint_of_other_lm_weights_is_refused(tiny_lm, hopper_dataset, tm
         lmencoders.load_model(folder)
 
 
-def test_alignment_loss_trains_and_fades(built, hopper_dataset):
+def trajectory_batch(dataset, context: int = 4):
+    """One window per episode, as the impl's losses read them."""
     from d3rlpy.dataset import TrajectoryMiniBatch
     from d3rlpy.torch_utility import TorchTrajectoryMiniBatch
 
     slicer = d3rlpy.dataset.BasicTrajectorySlicer()
-    episodes = hopper_dataset.episodes
-    trajectories = [slicer(e, e.transition_count - 1, 4) for e in episodes]
-    batch = TorchTrajectoryMiniBatch.from_batch(
+    trajectories = [slicer(e, e.transition_count - 1, context) for e in dataset.episodes]
+    return TorchTrajectoryMiniBatch.from_batch(
         TrajectoryMiniBatch.from_partial_trajectories(trajectories), device="cpu:0"
     )
+
+
+def test_alignment_loss_trains_and_fades(built, hopper_dataset):
+    batch = trajectory_batch(hopper_dataset)
     impl = built.impl
     with torch.no_grad():
         early, late = impl.losses(batch, 0), impl.losses(batch, 10**6)
@@ -225,3 +231,87 @@ def test_attention_maps_are_causal_distributions_and_drawn(tiny_lm, hopper_datas
         attention_maps(folders[0], data, trajectory=9)
     with pytest.raises(ConfigError, match="trajectory 1 has"):
         attention_maps(folders[0], data, trajectory=1, start=10_000)
+
+
+CORPUS = "the thigh angle of the leg, the foot velocity and the torso position. "
+
+
+@pytest.fixture(scope="module")
+def tiny_causal_lm(tmp_path_factory) -> str:
+    return str(make_tiny_causal_lm(tmp_path_factory.mktemp("lm") / "tiny-gpt2"))
+
+
+def language_config(tiny_causal_lm: str, corpus, **overrides):
+    settings = dict(
+        tuning="lora", cos_weight=0.0, language_weight=0.5, language_corpus=str(corpus),
+        language_batch_size=3, language_length=16,
+    )  # fmt: skip
+    return config(tiny_causal_lm, **{**settings, **overrides})
+
+
+def test_language_loss_is_the_lm_heads_next_token_cross_entropy(
+    tiny_causal_lm, hopper_dataset, tmp_path
+):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS * 10)
+    dt = language_config(tiny_causal_lm, corpus).create()
+    dt.build_with_dataset(hopper_dataset)
+    tokenizer = language_model(tiny_causal_lm).tokenizer
+    stream = tokenizer(corpus.read_text(), add_special_tokens=False)["input_ids"]
+    torch.manual_seed(0)
+    ids = TextCorpus(corpus, tokenizer, 16).sample(3)
+    assert ids.shape == (3, 17)
+    for row in ids.tolist():  # each window is a stretch of the corpus
+        start = next(i for i in range(len(stream)) if stream[i : i + 17] == row)
+        assert start <= len(stream) - 17
+    direct = transformers.GPT2LMHeadModel.from_pretrained(tiny_causal_lm).eval()
+    expected = direct(ids, labels=ids).loss  # Hugging Face shifts the labels itself
+    body = dt.impl.modules.transformer.body
+    with torch.no_grad():
+        assert float(body.language_loss(ids)) == pytest.approx(float(expected), rel=1e-5)
+        losses = dt.impl.losses(trajectory_batch(hopper_dataset), 0)
+    assert float(losses["loss"]) == pytest.approx(
+        float(losses["action_loss"] + 0.5 * losses["language_loss"]), rel=1e-5
+    )
+
+
+def test_language_loss_trains_adapters_only_and_loading_needs_no_corpus(
+    tiny_causal_lm, hopper_dataset, tmp_path
+):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS * 10)
+    body = language_model(tiny_causal_lm).model
+    before = {k: v.clone() for k, v in body.state_dict().items()}
+    dt = language_config(tiny_causal_lm, corpus).create()
+    quiet_fit(dt, hopper_dataset, 3)
+    for name, tensor in body.state_dict().items():  # the shared body is bitwise untouched
+        assert torch.equal(tensor, before[name]), name
+    saved = dt.impl.modules.transformer.state_dict()
+    lm_names = [k for k in saved if "lm_parameters." in k]
+    assert lm_names and all("lora_" in n for n in lm_names)
+    folder = lmencoders.save_model(dt, tmp_path / "dt")
+    corpus.unlink()  # the corpus is read by training only
+    again = lmencoders.load_model(folder)
+    action = again.as_stateful_wrapper(10.0).predict(hopper_dataset.episodes[0].observations[0], 0)
+    assert action.shape == (3,) and np.isfinite(action).all()
+
+
+def test_language_loss_settings_are_checked(tiny_lm, tiny_causal_lm, hopper_dataset, tmp_path):
+    with pytest.raises(ConfigError, match="needs language_corpus"):
+        config(tiny_causal_lm, language_weight=0.1)
+    with pytest.raises(ConfigError, match="language_weight must be >= 0"):
+        config(tiny_causal_lm, language_weight=-1.0, language_corpus="x.txt")
+    corpus = tmp_path / "short.txt"
+    corpus.write_text("the leg")
+    minilm_like = language_config(tiny_lm, corpus).create()  # an encoder: no LM head
+    with pytest.raises(ConfigError, match=r"needs a causal LM with an LM head.*BertModel"):
+        minilm_like.build_with_dataset(hopper_dataset)
+    too_long = language_config(tiny_causal_lm, corpus, language_length=65).create()
+    with pytest.raises(ConfigError, match="language_length 65 is longer than .* 64 positions"):
+        too_long.build_with_dataset(hopper_dataset)
+    short = language_config(tiny_causal_lm, corpus).create()
+    with pytest.raises(ConfigError, match=r"short.txt: \d+ tokens, fewer than one window"):
+        quiet_fit(short, hopper_dataset, 1)
+    missing = language_config(tiny_causal_lm, tmp_path / "none.txt").create()
+    with pytest.raises(ConfigError, match="none.txt: cannot read it"):
+        quiet_fit(missing, hopper_dataset, 1)

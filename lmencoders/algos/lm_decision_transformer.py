@@ -12,7 +12,8 @@ Face model the rest of lmencoders runs (encoder models such as the shipped MiniL
 mask), tuned through lmencoders' tuning modes: ``full`` (Reid et al.), ``lora`` (LaMo),
 ``ln_embed`` (LayerNorms) or ``frozen``. Reid et al.'s alignment loss L_cos pulls the input
 tokens towards K-means centroids of the LM's word embeddings (``cos_weight``, ``cos_clusters``,
-annealed over ``cos_anneal_steps``).
+annealed over ``cos_anneal_steps``). LaMo's language loss keeps a causal LM predicting text
+while it learns control (``language_weight``, ``language_corpus``).
 
 State tokens come from ``encoder_factory``: by default the observation itself (a plain
 linear ``projection`` into the LM, as Reid et al.), or lmencoders' language features of the
@@ -37,8 +38,10 @@ from ..alignment import language_centroids
 from ..backbone import DEFAULT_MODEL, TUNING_MODES, make_tuning
 from ..checks import non_negative, positive
 from ..errors import ConfigError
+from ..language_loss import check_language_head
 from .torch.lm_decision_transformer_impl import (
     LanguageBody,
+    LanguageLossSettings,
     LMDecisionTransformerImpl,
     LMDecisionTransformerModules,
     PretrainedDecisionTransformer,
@@ -81,6 +84,11 @@ class LMDecisionTransformerConfig(TransformerConfig):
         cos_clusters: K of the K-means reduction of the LM's word embeddings.
         cos_anneal_steps: the weight falls along a sigmoid to ~0 by this step (0: constant).
         embed_dropout: dropout on the token embeddings.
+        language_weight: weight of LaMo's language loss, the next-token cross-entropy of the
+            body on ``language_corpus`` (0: off; LaMo: 0.1 on WikiText-103). Needs a causal
+            LM whose head is tied to its word embeddings (GPT-2, SmolLM2), not MiniLM.
+        language_corpus: a UTF-8 text file, read at the first update (loading needs none).
+        language_batch_size, language_length: windows per update and tokens per window.
         encoder_factory: where state tokens come from (default: the observation itself).
         optim_factory: default AdamW as Reid et al. (lr warm-up, clipping, weight decay).
     """
@@ -98,6 +106,10 @@ class LMDecisionTransformerConfig(TransformerConfig):
     cos_clusters: int = 1000
     cos_anneal_steps: int = 5000
     embed_dropout: float = 0.1
+    language_weight: float = 0.0
+    language_corpus: str | None = None
+    language_batch_size: int = 4
+    language_length: int = 64
     encoder_factory: EncoderFactory = dataclasses.field(
         metadata=make_encoder_field().metadata, default_factory=_observation_itself
     )
@@ -122,6 +134,15 @@ class LMDecisionTransformerConfig(TransformerConfig):
         self.cos_anneal_steps = non_negative(self.cos_anneal_steps, "cos_anneal_steps")
         if self.cos_weight < 0:
             raise ConfigError(f"cos_weight must be >= 0, got {self.cos_weight}")
+        for name in ("language_batch_size", "language_length"):
+            setattr(self, name, positive(getattr(self, name), name))
+        if self.language_weight < 0:
+            raise ConfigError(f"language_weight must be >= 0, got {self.language_weight}")
+        if self.language_weight > 0 and not self.language_corpus:
+            raise ConfigError(
+                "language_weight > 0 needs language_corpus, a UTF-8 text file to predict "
+                "(LaMo uses WikiText-103)"
+            )
         if not 0.0 <= self.embed_dropout < 1.0:
             raise ConfigError(f"embed_dropout must be in [0, 1), got {self.embed_dropout}")
 
@@ -145,6 +166,21 @@ class LMDecisionTransformer(
             raise ConfigError(
                 f"context_size {config.context_size} makes {tokens} tokens; {config.model!r} "
                 f"has {body.max_positions} positions (context_size <= {body.max_positions // 3})"
+            )
+        language = None
+        if config.language_weight > 0:
+            check_language_head(body.body(torch.device("cpu")).model.config, config.model)
+            if body.max_positions and config.language_length > body.max_positions:
+                raise ConfigError(
+                    f"language_length {config.language_length} is longer than {config.model!r}'s "
+                    f"{body.max_positions} positions"
+                )
+            assert config.language_corpus is not None  # checked by the config
+            language = LanguageLossSettings(
+                config.language_weight,
+                config.language_corpus,
+                config.language_batch_size,
+                config.language_length,
             )
         encoder = config.encoder_factory.create(observation_shape)
         with torch.no_grad():  # the encoder's output size, probed on CPU as d3rlpy does
@@ -175,6 +211,7 @@ class LMDecisionTransformer(
             centroids=centroids,
             cos_weight=config.cos_weight,
             cos_anneal_steps=config.cos_anneal_steps,
+            language=language,
         )
 
     def get_action_type(self) -> ActionSpace:

@@ -1,5 +1,5 @@
 """The maths of the LM Decision Transformer: a pretrained LM body reading (return-to-go,
-state, action) tokens, with Reid et al.'s alignment loss.
+state, action) tokens, with Reid et al.'s alignment loss and LaMo's language loss.
 
 The body is lmencoders' shared one (:func:`lmencoders.backbone.language_model`): this module
 owns only the LM tensors its tuning mode trains and runs the body through
@@ -33,12 +33,14 @@ from ...backbone import (
     trainable_copies,
     weights_digest,
 )
+from ...language_loss import TextCorpus
 
 __all__ = [
     "LanguageBody",
     "PretrainedDecisionTransformer",
     "LMDecisionTransformerModules",
     "LMDecisionTransformerImpl",
+    "LanguageLossSettings",
     "causal_mask",
 ]
 
@@ -93,6 +95,22 @@ class LanguageBody(nn.Module):
         ``keep`` (B, L) marks real tokens. Positions count real tokens only, so a window
         padded at the front reads as the same window unpadded."""
         return self._run(self._inputs(embeddings, keep)).last_hidden_state
+
+    def word_embeddings(self, device: torch.device) -> torch.Tensor:
+        """The ``(V, H)`` word-embedding matrix: the pretrained body's (frozen, never in a
+        checkpoint) or the random body's own."""
+        model = self.random_body if self.random_body is not None else self.body(device).model
+        return model.get_input_embeddings().weight
+
+    def language_loss(self, ids: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of the body, as tuned, on token ids ``(B, L + 1)``,
+        its head tied to the word embeddings (LaMo's regulariser)."""
+        words = self.word_embeddings(ids.device)
+        inputs = ids[:, :-1]
+        keep = torch.ones_like(inputs)
+        hidden = self._run(self._inputs(words[inputs], keep)).last_hidden_state
+        logits = hidden @ words.T
+        return nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
 
     @torch.no_grad()
     def attentions(self, embeddings: torch.Tensor, keep: torch.Tensor) -> list[torch.Tensor]:
@@ -221,13 +239,25 @@ class PretrainedDecisionTransformer(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
+class LanguageLossSettings:
+    """LaMo's language loss: ``weight`` x the next-token cross-entropy on ``batch_size``
+    windows of ``length`` tokens from the text file ``corpus``."""
+
+    weight: float
+    corpus: str
+    batch_size: int
+    length: int
+
+
+@dataclasses.dataclass(frozen=True)
 class LMDecisionTransformerModules(Modules):
     transformer: PretrainedDecisionTransformer
     optim: OptimizerWrapper
 
 
 class LMDecisionTransformerImpl(TransformerAlgoImplBase):
-    """Loss: squared action error on real steps, plus the annealed alignment loss."""
+    """Loss: squared action error on real steps, plus the annealed alignment loss and the
+    language loss where they are on."""
 
     _modules: LMDecisionTransformerModules
 
@@ -241,11 +271,23 @@ class LMDecisionTransformerImpl(TransformerAlgoImplBase):
         centroids: torch.Tensor | None,
         cos_weight: float,
         cos_anneal_steps: int,
+        language: LanguageLossSettings | None = None,
     ) -> None:
         super().__init__(observation_shape, action_size, modules, device)
         self._centroids = None if centroids is None else centroids.to(device)
         self._cos_weight = cos_weight
         self._cos_anneal_steps = cos_anneal_steps
+        self._language = language
+        self._corpus: TextCorpus | None = None  # read at the first update: loading needs none
+
+    def _language_loss(self) -> torch.Tensor:
+        settings = self._language
+        assert settings is not None
+        body = self._modules.transformer.body
+        if self._corpus is None:
+            tokenizer = body.body(torch.device("cpu")).tokenizer
+            self._corpus = TextCorpus(settings.corpus, tokenizer, settings.length)
+        return body.language_loss(self._corpus.sample(settings.batch_size, self.device))
 
     def inner_predict(self, inpt: TorchTransformerInput) -> torch.Tensor:
         action = self._modules.transformer(
@@ -266,6 +308,9 @@ class LMDecisionTransformerImpl(TransformerAlgoImplBase):
             losses["loss"] = losses["action_loss"] + weight * cos
         else:
             losses["loss"] = losses["action_loss"]
+        if self._language is not None:
+            losses["language_loss"] = self._language_loss()
+            losses["loss"] = losses["loss"] + self._language.weight * losses["language_loss"]
         return losses
 
     def inner_update(self, batch: TorchTrajectoryMiniBatch, grad_step: int) -> dict[str, float]:
