@@ -66,7 +66,7 @@ class CollectConfig:
     stop_at_return: float | None = option(
         None, "stop SAC at the first checkpoint whose mean return reaches this"
     )
-    seed: int = option(0, "random seed")
+    seed: int = option(0, "random seed (not 0: file names end in -seed<N>, a second draw)")
 
     def __post_init__(self) -> None:
         self.levels = tuple(self.levels)
@@ -303,6 +303,12 @@ def rollout(
     return data
 
 
+def dataset_file_name(task: str, level: str, count: int, split: str, seed: int = 0) -> str:
+    """NeoRL's layout, ``Hopper-v5-low-99-train.npz``; a collection with another seed (a second
+    draw of the same protocol) adds ``-seed<N>``, so its runs and rows stay apart."""
+    return f"{task}-{level}-{count}-{split}" + (f"-seed{seed}" if seed else "") + ".npz"
+
+
 def collect(config: CollectConfig, command: str = "") -> dict:
     """Run the whole protocol; returns (and writes to ``collect.json``) what was made."""
     folder = Path(config.out_dir)
@@ -325,7 +331,7 @@ def collect(config: CollectConfig, command: str = "") -> dict:
         for offset, (split, count) in enumerate(
             [("train", config.train_trajectories), ("val", config.val_trajectories)]
         ):
-            name = f"{task}-{level}-{count}-{split}.npz"
+            name = dataset_file_name(task, level, count, split, config.seed)
             path = folder / name
             if not path.is_file():
                 env = make_env(task)

@@ -53,7 +53,7 @@ LEVELS = ("low", "medium", "high", "expert")
 _V1_NAMES = {99: 100, 999: 1000, 9999: 10000}
 _FILE_NAME = re.compile(
     r"^(?P<task>.+)-(?P<level>low|medium|high|expert)-(?P<size>\d+)-(?P<split>train|val)"
-    r"(?:-noise)?\.npz$"
+    r"(?:-noise)?(?:-seed\d+)?\.npz$"  # -seed<N>: lmencoders collect with another seed
 )
 MINARI_PREFIX = "minari:"
 

@@ -7,6 +7,10 @@
 #   scripts/evidence-grid.sh baselines TASK  # BC CQL PLAS BCQ, 3 seeds, 10k steps
 #   scripts/evidence-grid.sh report          # RESULTS.md from every finished run
 #
+# collect, train and baselines take an optional collection SEED after TASK (default 0): a
+# second draw of the same protocol (its own SAC run and rollouts) in data/grid/<task>-seed<N>/,
+# its files named ...-train-seed<N>.npz, so the report shows how far the verdict moves.
+#
 # On 2 cores run two lanes at a time, each with one torch thread (the script sets it), under
 # nice; LMENCODERS_BUDGET (seconds) stops a lane from starting new runs after that long.
 # Data go to data/grid/<task>/ and runs to experiments/grid/ (both ignored by git);
@@ -16,6 +20,10 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 stage=${1:?stage: collect, train, baselines or report}
 task=${2:-}
+seed=${3:-0}
+suffix=""
+[[ $seed != 0 ]] && suffix=-seed$seed
+folder=data/grid/$task$suffix
 budget=(${LMENCODERS_BUDGET:+--time-budget "$LMENCODERS_BUDGET"})
 
 # Best SAC return to stop at (issue 11 asks for >= 2,000 / 2,500 / 5,000 on the MuJoCo tasks)
@@ -25,16 +33,16 @@ declare -A LEVELS=([Hopper-v5]="low medium high" [Walker2d-v5]="medium" [HalfChe
 declare -A EPISODES=([Hopper-v5]=10 [Walker2d-v5]=10 [HalfCheetah-v5]=10 [finance]=1)
 
 datasets() {
-  for level in ${LEVELS[$task]}; do echo "data/grid/$task/$task-$level-99-train.npz"; done
+  for level in ${LEVELS[$task]}; do echo "$folder/$task-$level-99-train$suffix.npz"; done
 }
 
 case "$stage" in
   collect)
     extra=()
     [[ $task == finance ]] && extra=(--scale-observations --sac-steps 100000)  # the last one counts
-    nice -n 5 lmencoders collect --env "$task" --out "data/grid/$task" --sac-steps 1000000 \
+    nice -n 5 lmencoders collect --env "$task" --out "$folder" --sac-steps 1000000 \
       --checkpoint-every 10000 --stop-at-return "${STOP[$task]}" --levels ${LEVELS[$task]} \
-      --train 99 --val 10 --seed 0 "${extra[@]}"
+      --train 99 --val 10 --seed "$seed" "${extra[@]}"
     ;;
   train)
     nice -n 5 lmencoders experiment --datasets $(datasets) --out experiments/grid \

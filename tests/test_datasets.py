@@ -11,10 +11,12 @@ import pytest
 from conftest import neorl_arrays
 
 import lmencoders
+from lmencoders.collect import dataset_file_name
 from lmencoders.datasets import (
     DatasetFileError,
     load_neorl,
     neorl_file_name,
+    parse_neorl_file_name,
     read_neorl_file,
     to_mdp_dataset,
 )
@@ -26,6 +28,13 @@ def test_file_names_follow_neorl():
     assert neorl_file_name("Hopper-v3", "low", 10, "val") == "Hopper-v3-low-10-val-noise.npz"
     assert neorl_file_name("ib", "high", 100) == "ib-high-100-train.npz"
     assert neorl_file_name("Hopper-v5", "low", 30) == "Hopper-v5-low-30-train.npz"
+    # a second draw of the collector keeps NeoRL's fields and names its seed
+    second = dataset_file_name("finance", "high", 99, "train", seed=1)
+    assert second == "finance-high-99-train-seed1.npz"
+    assert parse_neorl_file_name(second) == {
+        "task": "finance", "level": "high", "size": 99, "split": "train"
+    }  # fmt: skip
+    assert dataset_file_name("finance", "high", 99, "train") == "finance-high-99-train.npz"
 
 
 def test_read_restores_the_leading_zero_and_train_num_keeps_first_trajectories(tmp_path):
