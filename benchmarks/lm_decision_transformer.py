@@ -36,6 +36,7 @@ from lmencoders.backbone import language_model
 from lmencoders.datasets import load_dataset
 from lmencoders.envs import make_env, normalized_score
 from lmencoders.statistics import aggregates, curve_band, improvement, scores_by_task, verdict
+from lmencoders.train import hardware
 
 VARIANTS = ("dt", "random", "pretrained", "pretrained+cos", "lora")
 
@@ -115,10 +116,12 @@ def run(dataset_path: str, variant: str, seed: int, args: argparse.Namespace) ->
     }  # fmt: skip
 
 
-def time_updates(dataset_path: str, args: argparse.Namespace) -> None:
+def time_updates(dataset_path: str, args: argparse.Namespace, command: str) -> None:
     """Seconds per gradient step of each variant (mean over steps 3..N: the first ones build
-    the model and warm caches); nothing is evaluated or written."""
+    the model and warm caches), written to ``<out>`` for the report: the
+    runs' own seconds come from a shared machine, these from one with nothing else running."""
     dataset = load_dataset(dataset_path)
+    times: dict[str, float] = {}
     for variant in args.variants:
         if variant == "pretrained+cos":
             language_centroids(language_model(args.model), 1000)
@@ -131,10 +134,50 @@ def time_updates(dataset_path: str, args: argparse.Namespace) -> None:
             callback=lambda algo, epoch, step, stamps=stamps: stamps.append(time.perf_counter()),
         )  # fmt: skip
         seconds = float(np.diff(stamps)[2:].mean())
+        times[variant] = seconds * 1e3
         print(
             f"{variant}: context {args.context}, batch {args.batch_size}, {args.device}: "
             f"{seconds * 1e3:.0f} ms/update"
         )
+    record = {
+        "command": command, "context": args.context, "batch_size": args.batch_size,
+        "device": args.device, "hardware": hardware(args.device), "updates": args.time_updates,
+        "ms_per_update": times,
+    }  # fmt: skip
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    update_times_file(Path(args.out), args, args.device).write_text(json.dumps(record, indent=1))
+
+
+def update_times_file(out: Path, args: argparse.Namespace, device: str = "cpu") -> Path:
+    """Where ``--time-updates`` keeps its measurement: one file per settings and device."""
+    return out / f"update-times-context{args.context}-batch{args.batch_size}-{device}.json"
+
+
+def update_times_section(out: Path, args: argparse.Namespace, runs: list[dict]) -> list[str]:
+    """The per-update cost of each variant measured alone (``--time-updates``), and what it
+    makes of the steps each variant needed to reach the data's return."""
+    path = update_times_file(out, args)  # the runs' own settings, on the CPU
+    if not path.is_file():
+        return []
+    record = json.loads(path.read_text())
+    lines = [
+        "",
+        f"## Cost per update, measured alone ({record['hardware']}, {record['device']})",
+        "",
+        "The seconds above come from a shared machine; these were measured with nothing else "
+        f"running (`{record['command']}`, mean of updates 3-{record['updates']}). The last "
+        "column is the mean first step at the data's return (table above, all datasets) times "
+        "that cost: Reid et al.'s faster-convergence claim in seconds.",
+        "",
+        "| variant | ms per update | seconds to the data's return (steps x cost) |",
+        "|---|---|---|",
+    ]
+    for variant, ms in record["ms_per_update"].items():
+        group = [r for r in runs if r["variant"] == variant]
+        steps = [step for step in first_steps(group) if step is not None]
+        reach = f"{np.mean(steps) * ms / 1e3:.0f}" if steps else "-"
+        lines.append(f"| {variant} | {ms:.0f} | {reach} |")
+    return lines
 
 
 def write_markdown(out: Path, runs: list[dict], args: argparse.Namespace, command: str) -> None:
@@ -198,17 +241,24 @@ def write_markdown(out: Path, runs: list[dict], args: argparse.Namespace, comman
         lines.append(f"![{dataset}](curves-{dataset}.png)")
         lines.append("")
     lines += statistics_section(runs)
+    lines += update_times_section(out, args, runs)
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
+
+
+def first_steps(group: list[dict]) -> list[int | None]:
+    """Each run's first evaluated step whose return reaches the data's mean return (``None``:
+    never)."""
+    return [
+        next((p["step"] for p in r["curve"] if p["return"] >= r["data_return"]), None)
+        for r in group
+        if r.get("data_return") is not None
+    ]
 
 
 def first_reaching(group: list[dict]) -> str:
     """Mean first evaluated step whose return reaches the data's mean return (convergence
     speed, Reid et al.'s second claim), over the runs that reach it."""
-    steps = [
-        next((p["step"] for p in r["curve"] if p["return"] >= r["data_return"]), None)
-        for r in group
-        if r.get("data_return") is not None
-    ]
+    steps = first_steps(group)
     reached = [s for s in steps if s is not None]
     if not steps:
         return "-"
@@ -295,10 +345,12 @@ def main() -> None:
         help="write RESULTS.md from the finished runs, run none",
     )
     args = parser.parse_args()
+    argv = [a for a in sys.argv[1:] if a != "--report-only"]  # the command that runs them
+    command = "python " + shlex.join(["benchmarks/lm_decision_transformer.py", *argv])
     if args.time_updates:
         if args.time_updates < 4:
             parser.error("--time-updates needs at least 4 updates (the first two are warm-up)")
-        time_updates(args.datasets[0], args)
+        time_updates(args.datasets[0], args, command)
         return
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -321,8 +373,6 @@ def main() -> None:
                 data = load_dataset(paths[r["dataset"]])
                 data_returns[r["dataset"]] = float(data.returns().mean())
             r["data_return"] = data_returns[r["dataset"]]
-    argv = [a for a in sys.argv[1:] if a != "--report-only"]  # the command that runs them
-    command = "python " + shlex.join(["benchmarks/lm_decision_transformer.py", *argv])
     write_markdown(out, runs, args, command)
     print(f"wrote {out / 'RESULTS.md'}")
 
