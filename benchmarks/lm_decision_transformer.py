@@ -186,6 +186,10 @@ def write_markdown(out: Path, runs: list[dict], args: argparse.Namespace, comman
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    timing = update_times_file(out, args)
+    alone = json.loads(timing.read_text())["ms_per_update"] if timing.is_file() else {}
+    if not all(r["variant"] in alone for r in runs):  # one axis for all, or the runs' own
+        alone = {}
     lines = [
         "# Decision Transformers from a pretrained LM: CPU-sized comparison",
         "",
@@ -193,9 +197,10 @@ def write_markdown(out: Path, runs: list[dict], args: argparse.Namespace, comman
         "",
         f"{args.steps} gradient steps, context {args.context}, batch {args.batch_size}, "
         f"evaluation every {args.eval_every} steps over {args.episodes} episodes, target "
-        f"return {args.target_scale} x the data's best. Seconds are training time only, on a "
-        "2-core machine that ran other jobs beside these runs (how many varied): compare "
-        "wall-clock only between runs made under the same load.",
+        f"return {args.target_scale} x the data's best. The table's seconds are training "
+        "time only, on a 2-core machine that ran other jobs beside these runs (how many "
+        "varied), so they compare poorly between runs; the curves' seconds axis uses each "
+        "variant's cost per update measured alone (last section) where it has been measured.",
         "",
         "The final return rests on one evaluation; the mean over a run's evaluations (every "
         "point of its curve) is a less noisy summary of the same run.",
@@ -222,14 +227,22 @@ def write_markdown(out: Path, runs: list[dict], args: argparse.Namespace, comman
             length = min(len(r["curve"]) for r in group)
             values = np.array([[p["return"] for p in r["curve"][:length]] for r in group])
             steps = [p["step"] for p in group[0]["curve"][:length]]
-            wall = np.mean([[p["train_seconds"] for p in r["curve"][:length]] for r in group], 0)
+            if alone:  # the cost measured alone: comparable between variants
+                wall = np.array(steps) * alone[variant] / 1e3
+            else:
+                seconds = [[p["train_seconds"] for p in r["curve"][:length]] for r in group]
+                wall = np.mean(seconds, 0)
             mean, low, high = curve_band(values)
             for axis, x in ((by_step, steps), (by_time, wall)):
                 seeds = f"{len(group)} seed" + ("s" if len(group) > 1 else "")
                 axis.plot(x, mean, label=f"{variant} ({seeds})")
                 axis.fill_between(x, low, high, alpha=0.15)
         by_step.set_xlabel("gradient steps")
-        by_time.set_xlabel("training seconds (2-core CPU)")
+        by_time.set_xlabel(
+            "training seconds: steps x cost per update measured alone"
+            if alone
+            else "training seconds (shared 2-core CPU)"
+        )
         for axis in (by_step, by_time):
             axis.set_ylabel("evaluation return")
             axis.legend(fontsize=8)
