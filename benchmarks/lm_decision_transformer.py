@@ -200,7 +200,7 @@ def write_markdown(out: Path, runs: list[dict], args: argparse.Namespace, comman
         f"return {args.target_scale} x the data's best. The table's seconds are training "
         "time only, on a 2-core machine that ran other jobs beside these runs (how many "
         "varied), so they compare poorly between runs; the curves' seconds axis uses each "
-        "variant's cost per update measured alone (last section) where it has been measured.",
+        "variant's cost per update measured alone (last section) once every variant's is.",
         "",
         "The final return rests on one evaluation; the mean over a run's evaluations (every "
         "point of its curve) is a less noisy summary of the same run.",
