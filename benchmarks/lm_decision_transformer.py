@@ -181,11 +181,6 @@ def update_times_section(out: Path, args: argparse.Namespace, runs: list[dict]) 
 
 
 def write_markdown(out: Path, runs: list[dict], args: argparse.Namespace, command: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     timing = update_times_file(out, args)
     alone = json.loads(timing.read_text())["ms_per_update"] if timing.is_file() else {}
     if not all(r["variant"] in alone for r in runs):  # one axis for all, or the runs' own
@@ -205,13 +200,13 @@ def write_markdown(out: Path, runs: list[dict], args: argparse.Namespace, comman
         "The final return rests on one evaluation; the mean over a run's evaluations (every "
         "point of its curve) is a less noisy summary of the same run.",
         "",
-        "| dataset | variant | seeds | final return (mean +- std) "
+        "| dataset (data's return) | variant | seeds | final return (mean +- std) "
         "| mean over evaluations (mean +- std) | train s per run "
         "| first step at the data's return (runs reaching it) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for dataset in sorted({r["dataset"] for r in runs}):
-        figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    datasets = sorted({r["dataset"] for r in runs})
+    for dataset in datasets:
         for variant in VARIANTS:
             group = [r for r in runs if r["dataset"] == dataset and r["variant"] == variant]
             if not group:
@@ -219,43 +214,82 @@ def write_markdown(out: Path, runs: list[dict], args: argparse.Namespace, comman
             final = np.array([r["final_return"] for r in group])
             overall = np.array([np.mean([p["return"] for p in r["curve"]]) for r in group])
             seconds = np.mean([r["train_seconds"] for r in group])
+            data = group[0].get("data_return")
+            name = dataset if data is None else f"{dataset} ({data:.1f})"
             lines.append(
-                f"| {dataset} | {variant} | {len(group)} | {final.mean():.1f} +- {final.std():.1f} "
+                f"| {name} | {variant} | {len(group)} | {final.mean():.1f} +- {final.std():.1f} "
                 f"| {overall.mean():.1f} +- {overall.std():.1f} "
                 f"| {seconds:.0f} | {first_reaching(group)} |"
             )
-            length = min(len(r["curve"]) for r in group)
-            values = np.array([[p["return"] for p in r["curve"][:length]] for r in group])
-            steps = [p["step"] for p in group[0]["curve"][:length]]
-            if alone:  # the cost measured alone: comparable between variants
-                wall = np.array(steps) * alone[variant] / 1e3
-            else:
-                seconds = [[p["train_seconds"] for p in r["curve"][:length]] for r in group]
-                wall = np.mean(seconds, 0)
-            mean, low, high = curve_band(values)
-            for axis, x in ((by_step, steps), (by_time, wall)):
-                seeds = f"{len(group)} seed" + ("s" if len(group) > 1 else "")
-                axis.plot(x, mean, label=f"{variant} ({seeds})")
-                axis.fill_between(x, low, high, alpha=0.15)
-        by_step.set_xlabel("gradient steps")
-        by_time.set_xlabel(
-            "training seconds: steps x cost per update measured alone"
-            if alone
-            else "training seconds (shared 2-core CPU)"
-        )
-        for axis in (by_step, by_time):
-            axis.set_ylabel("evaluation return")
-            axis.legend(fontsize=8)
-        figure.suptitle(dataset)
-        figure.tight_layout()
-        figure.savefig(out / f"curves-{dataset}.png", dpi=110)
-        plt.close(figure)
-        lines.append("")
-        lines.append(f"![{dataset}](curves-{dataset}.png)")
-        lines.append("")
+    lines.append("")
+    for dataset in datasets:
+        plot_curves(out, dataset, [r for r in runs if r["dataset"] == dataset], alone)
+        lines += [f"![{dataset}](curves-{dataset}.png)", ""]
     lines += statistics_section(runs)
     lines += update_times_section(out, args, runs)
+    lines += attention_section(out)
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
+
+
+def attention_section(out: Path) -> list[str]:
+    """The attention pictures drawn from the first seed's models (kept in ``<out>/work``)."""
+    pictures = sorted(out.glob("attention-*.png"))
+    if not pictures:
+        return []
+    lines = [
+        "",
+        "## Attention (Reid et al.'s Figure 2)",
+        "",
+        "Early, middle and last layer of the first seed's pretrained (top) and random (bottom) "
+        "models over trajectory 0's first window, averaged over heads: `lmencoders attention "
+        f"{out}/work/DATASET-pretrained {out}/work/DATASET-random --dataset FILE`.",
+        "",
+    ]
+    return lines + [f"![{p.stem}]({p.name})\n" for p in pictures]
+
+
+def plot_curves(out: Path, dataset: str, runs: list[dict], alone: dict[str, float]) -> None:
+    """Return against gradient steps and against training seconds (the costs measured alone
+    where ``alone`` has them), mean over seeds with a bootstrap band, the data's return
+    dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for variant in VARIANTS:
+        group = [r for r in runs if r["variant"] == variant]
+        if not group:
+            continue
+        length = min(len(r["curve"]) for r in group)
+        values = np.array([[p["return"] for p in r["curve"][:length]] for r in group])
+        steps = [p["step"] for p in group[0]["curve"][:length]]
+        if alone:  # the cost measured alone: comparable between variants
+            wall = np.array(steps) * alone[variant] / 1e3
+        else:
+            wall = np.mean([[p["train_seconds"] for p in r["curve"][:length]] for r in group], 0)
+        mean, low, high = curve_band(values)
+        for axis, x in ((by_step, steps), (by_time, wall)):
+            seeds = f"{len(group)} seed" + ("s" if len(group) > 1 else "")
+            axis.plot(x, mean, label=f"{variant} ({seeds})")
+            axis.fill_between(x, low, high, alpha=0.15)
+    by_step.set_xlabel("gradient steps")
+    by_time.set_xlabel(
+        "training seconds: steps x cost per update measured alone"
+        if alone
+        else "training seconds (shared 2-core CPU)"
+    )
+    data = runs[0].get("data_return")
+    for axis in (by_step, by_time):
+        if data is not None:
+            axis.axhline(data, color="grey", linestyle="--", linewidth=1, label="data")
+        axis.set_ylabel("evaluation return")
+        axis.legend(fontsize=8)
+    figure.suptitle(dataset)
+    figure.tight_layout()
+    figure.savefig(out / f"curves-{dataset}.png", dpi=110)
+    plt.close(figure)
 
 
 def first_steps(group: list[dict]) -> list[int | None]:

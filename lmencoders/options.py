@@ -81,7 +81,7 @@ def _argument(field: dataclasses.Field, hint: Any) -> tuple[list[str], dict[str,
         if hint is bool:
             shown = "on" if default else "off"
         elif isinstance(default, (list, tuple)):
-            shown = " ".join(map(str, default))
+            shown = " ".join(map(str, default)) or "none"
         else:
             shown = default
         kwargs["help"] += f" (default: {shown})" if shown not in (None, "") else ""

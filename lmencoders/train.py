@@ -281,7 +281,8 @@ def hardware(device: str) -> str:
     """What a run trained on, for the report: the GPU's name, or the CPU's and its threads."""
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
-    return f"{processor_name()}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{processor_name()}, {threads} thread" + ("s" if threads > 1 else "")
 
 
 class _TensorboardAdapter(d3rlpy.logging.TensorboardAdapter):
