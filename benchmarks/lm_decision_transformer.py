@@ -118,8 +118,8 @@ def run(dataset_path: str, variant: str, seed: int, args: argparse.Namespace) ->
 
 def time_updates(dataset_path: str, args: argparse.Namespace, command: str) -> None:
     """Seconds per gradient step of each variant (mean over steps 3..N: the first ones build
-    the model and warm caches), written to ``<out>`` for the report: the
-    runs' own seconds come from a shared machine, these from one with nothing else running."""
+    the model and warm caches), written to ``<out>`` for the report: the runs' own seconds
+    come from a shared machine, these from one with nothing else running."""
     dataset = load_dataset(dataset_path)
     times: dict[str, float] = {}
     for variant in args.variants:

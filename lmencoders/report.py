@@ -10,6 +10,7 @@ import re
 import shlex
 import shutil
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -344,7 +345,7 @@ def write_results(
     out_dir: str | Path,
     results_file: str | Path = "RESULTS.md",
     notes: str = "",
-    sections: list[str | Path] = (),
+    sections: Sequence[str | Path] = (),
 ) -> str:
     """Write ``RESULTS.md`` (table, commands, paper numbers) with its CSV and plots in a
     ``results/`` folder beside it, and the other generated reports in ``sections`` as
@@ -386,5 +387,5 @@ def write_results(
         "the paper gives no LM-Finetune number for FinRL.\n\n"
         f"{_paper_table()}\n"
     )
-    target.write_text(place_sections(text, list(sections), target))
+    target.write_text(place_sections(text, sections, target))
     return table

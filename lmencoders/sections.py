@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["as_section", "place_sections"]
@@ -55,7 +56,7 @@ def as_section(source: str | Path, target: str | Path) -> str:
     return "\n".join([_begin(name), *lines, _end(name)])
 
 
-def place_sections(text: str, sections: list[str | Path], target: str | Path) -> str:
+def place_sections(text: str, sections: Sequence[str | Path], target: str | Path) -> str:
     """``text`` (a RESULTS.md) with each report in ``sections`` in its block: an existing
     block is replaced where it stands, a new one goes before the paper's numbers (or at the
     end)."""
