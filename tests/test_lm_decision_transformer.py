@@ -275,6 +275,23 @@ def test_language_loss_is_the_lm_heads_next_token_cross_entropy(
     )
 
 
+def test_a_corpus_is_its_lines_tokens_in_order_read_in_blocks(
+    tiny_causal_lm, tmp_path, monkeypatch
+):
+    import lmencoders.language_loss as language_loss
+
+    monkeypatch.setattr(language_loss, "BLOCK_LINES", 2)  # several blocks from five lines
+    lines = [f"the leg {i} angle\n" for i in range(5)]
+    corpus = tmp_path / "lines.txt"
+    corpus.write_text("".join(lines) + "\n")  # an empty last line adds no token
+    tokenizer = language_model(tiny_causal_lm).tokenizer
+    expected = [t for line in lines for t in tokenizer(line, add_special_tokens=False)["input_ids"]]
+    assert TextCorpus(corpus, tokenizer, 4).ids.tolist() == expected
+    corpus.write_bytes(b"the leg \xff\xfe")
+    with pytest.raises(ConfigError, match="lines.txt: cannot read it as UTF-8"):
+        TextCorpus(corpus, tokenizer, 4)
+
+
 def test_language_loss_trains_adapters_only_and_loading_needs_no_corpus(
     tiny_causal_lm, hopper_dataset, tmp_path
 ):
