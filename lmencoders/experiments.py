@@ -87,6 +87,9 @@ class ExperimentConfig:
     steps: int = option(5_000, "gradient steps per run")
     eval_every: int = option(1_000, "steps between evaluations (the learning curve)")
     eval_episodes: int = option(5, "evaluation episodes")
+    curve_episodes: int | None = option(
+        None, "episodes of the learning curve's evaluations before the last (default: all)"
+    )
     batch_size: int = option(256, "transitions per gradient step")
     lm_batch_size: int | None = option(None, "batch for runs with a tuned LM (default: batch_size)")
     model: str = option(DEFAULT_MODEL, "Hugging Face name or local directory of the LM")
@@ -127,6 +130,7 @@ def _train_config(config: ExperimentConfig, dataset: str, method: str, seed: int
         steps=config.steps,
         eval_every=config.eval_every,
         eval_episodes=config.eval_episodes,
+        curve_episodes=config.curve_episodes,
         batch_size=(config.lm_batch_size or config.batch_size) if tuned else config.batch_size,
         seed=seed,
         device=config.device,

@@ -76,6 +76,8 @@ def _tables(out: Path, runs: list[tuple[Path, dict]]) -> str:
                 "mean_return": evaluation["mean_return"],
                 "normalized_score": evaluation["normalized_score"],
                 "episodes": evaluation["episodes"],
+                # the learning curve's points before the last (None: as many as the result)
+                "curve_episodes": result["config"].get("curve_episodes") or evaluation["episodes"],
                 "trajectories": result["dataset_trajectories"],
                 "data_return": result["dataset_mean_return"],
                 "train_seconds": result["train_seconds"],
@@ -113,7 +115,7 @@ def _tables(out: Path, runs: list[tuple[Path, dict]]) -> str:
             lines.append(
                 f"| {dataset} | {_values(group, 'trajectories')} | {method} | "
                 f"{returns.mean():.1f} +- {returns.std():.1f} | {normalized} | {len(group)} | "
-                f"{_values(group, 'steps')} | {_values(group, 'episodes')} | "
+                f"{_values(group, 'steps')} | {_episodes(group)} | "
                 f"{_run_minutes(group)} | {_values(group, 'hardware')} |"
             )
     _plot_curves(out, rows)
@@ -247,6 +249,12 @@ def _run_minutes(group: list[dict]) -> str:
     evaluating = [r["evaluation_seconds"] / r["train_seconds"] for r in group
                   if r["evaluation_seconds"] is not None and r["train_seconds"] > 0]  # fmt: skip
     return f"{minutes:.1f} ({np.mean(evaluating):.0%})" if evaluating else f"{minutes:.1f} (-)"
+
+
+def _episodes(group: list[dict]) -> str:
+    """The result's evaluation episodes, and the curve's where they were fewer."""
+    final, curve = _values(group, "episodes"), _values(group, "curve_episodes")
+    return final if curve == final else f"{final} (curve {curve})"
 
 
 def _values(group: list[dict], key: str, form: str = "{}") -> str:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .backbone import DEFAULT_MODEL, POOLING_NAMES, PRECISIONS, TUNING_MODES, check_precision
-from .checks import non_negative, positive
+from .checks import non_negative, optional_positive, positive
 from .datasets import OfflineDataset, load_dataset, shipped_dataset
 from .encoders import LMEncoderFactory
 from .envs import description_for, episode_returns, make_env, normalized_score
@@ -90,6 +90,11 @@ class TrainConfig:
         "divide by 5); 0: evaluate at the end only",
     )
     eval_episodes: int = option(5, "evaluation episodes")
+    curve_episodes: int | None = option(
+        None,
+        "episodes of the evaluations before the last (the learning curve; default: "
+        "eval_episodes); the last one, the run's result, uses eval_episodes",
+    )
     batch_size: int = option(256, "transitions per gradient step")
     seed: int = option(0, "random seed (d3rlpy, evaluation resets)")
     device: str = option("cpu", "torch device, e.g. cpu or cuda:0")
@@ -117,6 +122,12 @@ class TrainConfig:
             self.eval_every = self.steps // 5 if self.steps % 5 == 0 else 0
         self.eval_every = non_negative(self.eval_every, "eval_every")
         self.eval_episodes = positive(self.eval_episodes, "eval_episodes")
+        self.curve_episodes = optional_positive(self.curve_episodes, "curve_episodes")
+        if self.curve_episodes is not None and self.curve_episodes > self.eval_episodes:
+            raise ConfigError(
+                f"curve_episodes ({self.curve_episodes}) must be <= eval_episodes "
+                f"({self.eval_episodes}): the curve's episodes are the first of the final ones"
+            )
         self.batch_size = positive(self.batch_size, "batch_size")
         self.seed = non_negative(self.seed, "seed")
         if self.train_num is not None:
@@ -147,6 +158,8 @@ def run_name(config: TrainConfig) -> str:
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IN_NAME} | {
         "dataset": _dataset_identity(config.dataset_source)
     }
+    if settings["curve_episodes"] is None:  # as before the setting existed: same names
+        del settings["curve_episodes"]
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     source = config.dataset_source
     stem = (
@@ -247,10 +260,21 @@ class ReturnEvaluator:
     run's result: no second pass over the episodes (costly when every step runs the LM)."""
 
     def __init__(
-        self, env_name: str, episodes: int, seed: int, folder: Path, every: int = 0
+        self,
+        env_name: str,
+        episodes: int,
+        seed: int,
+        folder: Path,
+        every: int = 0,
+        *,
+        curve_episodes: int | None = None,
+        evaluations: int = 0,
     ) -> None:
         self.env_name, self.seed, self.folder, self.every = env_name, seed, folder, every
         self.envs = [make_env(env_name) for _ in range(episodes)]  # seeded resets: reusable
+        # the learning curve's points may use fewer (the first) episodes than the last one
+        self.curve_episodes = curve_episodes or episodes
+        self.evaluations = evaluations
         self.last: dict | None = None
         self.seconds = 0.0  # spent evaluating: with a live LM on CPU, most of a run
         self.done = 0
@@ -258,7 +282,9 @@ class ReturnEvaluator:
     def __call__(self, algo: Any, dataset: Any = None) -> float:
         save_model(algo, self.folder)  # an evaluation that fails loses no training
         started = time.perf_counter()
-        self.last = _evaluation(algo, self.env_name, self.envs, self.seed)
+        final = self.done + 1 >= self.evaluations
+        envs = self.envs if final else self.envs[: self.curve_episodes]
+        self.last = _evaluation(algo, self.env_name, envs, self.seed)
         self.seconds += time.perf_counter() - started
         self.done += 1
         if self.every:  # the learning curve, as it grows
@@ -336,7 +362,13 @@ def train(config: TrainConfig) -> dict:
         adapters.append(_TensorboardAdapterFactory(root_dir=str(out.parent / "tensorboard")))
     print(evaluation_cost(env_name, config.eval_episodes, config.encoder), flush=True)
     evaluator = ReturnEvaluator(
-        env_name, config.eval_episodes, config.seed * 1000, out, every=config.eval_every
+        env_name,
+        config.eval_episodes,
+        config.seed * 1000,
+        out,
+        every=config.eval_every,
+        curve_episodes=config.curve_episodes,
+        evaluations=config.steps // config.eval_every if config.eval_every else 1,
     )
     algo.fit(
         dataset.buffer,

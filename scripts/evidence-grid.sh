@@ -31,6 +31,9 @@ declare -A STOP=([Hopper-v5]=2500 [Walker2d-v5]=3000 [HalfCheetah-v5]=6000 [fina
 declare -A LEVELS=([Hopper-v5]="low medium high" [Walker2d-v5]="medium" [HalfCheetah-v5]="medium"
                    [finance]="low medium high")
 declare -A EPISODES=([Hopper-v5]=10 [Walker2d-v5]=10 [HalfCheetah-v5]=10 [finance]=1)
+# the learning curve's points before the last: fewer episodes (the live LM makes evaluation
+# most of a run's time on CPU); the final evaluation, the run's result, uses EPISODES
+declare -A CURVE=([Hopper-v5]=3 [Walker2d-v5]=3 [HalfCheetah-v5]=3 [finance]=1)
 
 datasets() {
   for level in ${LEVELS[$task]}; do echo "$folder/$task-$level-99-train$suffix.npz"; done
@@ -47,7 +50,8 @@ case "$stage" in
   train)
     nice -n 5 lmencoders experiment --datasets $(datasets) --out experiments/grid \
       --methods TD3+BC "TD3+BC LM-No-Tune" "TD3+BC LM-Segments" --seeds 0 1 2 3 4 \
-      --steps 30000 --eval-every 5000 --eval-episodes "${EPISODES[$task]}" "${budget[@]}"
+      --steps 30000 --eval-every 5000 --eval-episodes "${EPISODES[$task]}" \
+      --curve-episodes "${CURVE[$task]}" "${budget[@]}"
     ;;
   baselines)
     nice -n 5 lmencoders experiment --datasets $(datasets) --out experiments/grid \

@@ -139,6 +139,20 @@ def test_steps_are_whole_evaluation_epochs_or_evaluated_at_the_end(collected, tm
     # any step count without periodic evaluation: the final policy is evaluated once
     assert main(args + ["--steps", "25", "--eval-every", "0", "--eval-episodes", "2"]) == 0
     assert "evaluated return on Hopper-v5 over 2 episodes" in capsys.readouterr().out
+    # the learning curve on the first episode, the result (the last evaluation) on all three
+    curve = ["--steps", "20", "--eval-every", "10", "--eval-episodes", "3"]
+    assert main(args + curve + ["--curve-episodes", "4"]) == 2
+    assert "curve_episodes (4) must be <= eval_episodes (3)" in capsys.readouterr().err
+    assert main(args + curve + ["--curve-episodes", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "step 10: return on Hopper-v5 over 1 episodes" in printed
+    assert "step 20: return on Hopper-v5 over 3 episodes" in printed
+    (result,) = [
+        json.loads(p.read_text())
+        for p in tmp_path.glob("*/result.json")
+        if json.loads(p.read_text())["config"]["curve_episodes"] == 1
+    ]
+    assert result["evaluation"]["episodes"] == 3
 
 
 def test_describe_prints_text_and_token_count(tiny_lm, capsys):
@@ -173,6 +187,8 @@ def test_experiment_runs_in_resumable_parts_and_reports(
         "--eval-every",
         "10",
         "--eval-episodes",
+        "2",
+        "--curve-episodes",
         "1",
         "--batch-size",
         "16",
@@ -203,6 +219,7 @@ def test_experiment_runs_in_resumable_parts_and_reports(
     assert "| Hopper-v5-low-3-train | 3 | BC |" in text and "TD3+BC LM-No-Tune" in text
     cell = next(line for line in text.splitlines() if "| Hopper-v5-low-3-train | 3 | BC |" in line)
     assert re.search(r"\| \d+\.\d \(\d+%\) \| .+ threads? \|$", cell)  # minutes, evaluating share
+    assert "| 2 (curve 1) |" in cell  # the result's episodes, and the curve's
     summary = next(line for line in text.splitlines() if line.startswith("| Hopper-v5-low-3"))
     assert summary.count("(2)") == 2  # one cell per method, 2 seeds each
     assert "lmencoders experiment --datasets" in text  # the exact commands are recorded

@@ -13,7 +13,7 @@ from conftest import neorl_arrays
 
 from lmencoders.cli import main
 from lmencoders.saving import load_model
-from lmencoders.train import TrainConfig, evaluate, train
+from lmencoders.train import TrainConfig, evaluate, run_name, train
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +190,15 @@ def test_evaluate_function_validates_its_episode_count(data_file, tmp_path):
     algo = load_model(tmp_path / train(config(data_file, tmp_path))["run"])
     with pytest.raises(ConfigError, match="episodes must be a positive integer"):
         evaluate(algo, "Hopper-v5", 0)
+
+
+def test_run_names_stay_when_settings_are_added():
+    """Experiments resume by run name: a setting added later (here curve_episodes) must not
+    rename the runs made before it, unless it is used. Names computed before it existed."""
+    assert run_name(TrainConfig(steps=100, eval_every=50, seed=3)) == (
+        "Hopper-v5-medium-30-train-td3+bc-lm-frozen-seed3-e0be2fca"
+    )
+    segments = TrainConfig(encoder="lm", tuning="frozen", pooling="segments", steps=100, seed=1)
+    assert run_name(segments).endswith("-segments-seed1-6db62bb8")
+    with_curve = TrainConfig(steps=100, eval_every=50, seed=3, curve_episodes=1)
+    assert not run_name(with_curve).endswith("e0be2fca")
