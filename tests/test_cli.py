@@ -31,6 +31,8 @@ def collected(tmp_path_factory):
         "200",
         "--eval-episodes",
         "1",
+        "--selection-episodes",
+        "2",
         "--levels",
         "low",
         "high",
@@ -49,6 +51,12 @@ def test_collect_writes_neorl_files_and_a_record(collected):
     out, _ = collected
     record = json.loads((out / "collect.json").read_text())
     assert [c["step"] for c in record["sac_checkpoints"]] == [200, 400]
+    # every checkpoint evaluated again, over --selection-episodes, kept for a rerun
+    kept = json.loads((out / "sac-checkpoints.json").read_text())
+    assert [c["selection_return"] for c in kept] == [
+        c["selection_return"] for c in record["sac_checkpoints"]
+    ]
+    assert all(c["selection_std"] >= 0 for c in kept)
     for name in [
         "Hopper-v5-low-3-train.npz",
         "Hopper-v5-low-1-val.npz",
@@ -70,6 +78,23 @@ def test_collect_skips_finished_stages(collected):
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
 
+def test_collect_remakes_a_file_recorded_from_another_policy(collected):
+    out, args = collected
+    record_path = out / "collect.json"
+    record = json.loads(record_path.read_text())
+    stale, kept = out / "Hopper-v5-low-3-train.npz", out / "Hopper-v5-high-3-train.npz"
+    picked = record["datasets"][stale.name]["policy_step"]
+    record["datasets"][stale.name]["policy_step"] = -1  # as if an earlier pick made it
+    record_path.write_text(json.dumps(record))
+    stamps = {p: p.stat().st_mtime_ns for p in (stale, kept)}
+    data = read_neorl_file(stale)
+    assert main(args) == 0
+    assert stale.stat().st_mtime_ns != stamps[stale]  # made again, from the picked policy
+    assert np.array_equal(read_neorl_file(stale).obs, data.obs)  # same policy and seeds
+    assert kept.stat().st_mtime_ns == stamps[kept]
+    assert json.loads(record_path.read_text())["datasets"][stale.name]["policy_step"] == picked
+
+
 def test_collect_finrl_with_standardised_sac_inputs(tmp_path):
     args = ["collect", "--env", "finance", "--out", str(tmp_path), "--sac-steps", "200"]
     args += ["--checkpoint-every", "100", "--eval-episodes", "1", "--levels", "low"]
@@ -89,6 +114,11 @@ def test_policies_are_picked_at_their_fraction_of_the_best_return():
     ]
     picked = pick_policies(history, ("low", "medium", "high"))
     assert {k: v["step"] for k, v in picked.items()} == {"low": 2, "medium": 3, "high": 5}
+    # a checkpoint evaluated again is judged by that return (the best and the fractions too)
+    history[4]["selection_return"] = 420.0  # step 5 was lucky in its few episodes
+    history[3]["selection_return"] = 800.0
+    picked = pick_policies(history, ("low", "medium", "high"))
+    assert {k: v["step"] for k, v in picked.items()} == {"low": 2, "medium": 5, "high": 3}
 
 
 def test_train_then_evaluate(collected, tiny_lm, tmp_path, capsys):
