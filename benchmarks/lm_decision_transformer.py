@@ -153,13 +153,11 @@ def update_times_file(out: Path, args: argparse.Namespace, device: str = "cpu") 
     return out / f"update-times-context{args.context}-batch{args.batch_size}-{device}.json"
 
 
-def update_times_section(out: Path, args: argparse.Namespace, runs: list[dict]) -> list[str]:
-    """The per-update cost of each variant measured alone (``--time-updates``), and what it
-    makes of the steps each variant needed to reach the data's return."""
-    path = update_times_file(out, args)  # the runs' own settings, on the CPU
-    if not path.is_file():
+def update_times_section(record: dict | None, runs: list[dict]) -> list[str]:
+    """The per-update cost of each variant measured alone (``--time-updates``: ``record``),
+    and what it makes of the steps each variant needed to reach the data's return."""
+    if record is None:
         return []
-    record = json.loads(path.read_text())
     lines = [
         "",
         f"## Cost per update, measured alone ({record['hardware']}, {record['device']})",
@@ -181,8 +179,9 @@ def update_times_section(out: Path, args: argparse.Namespace, runs: list[dict]) 
 
 
 def write_markdown(out: Path, runs: list[dict], args: argparse.Namespace, command: str) -> None:
-    timing = update_times_file(out, args)
-    alone = json.loads(timing.read_text())["ms_per_update"] if timing.is_file() else {}
+    timing = update_times_file(out, args)  # the runs' own settings, on the CPU
+    record = json.loads(timing.read_text()) if timing.is_file() else None
+    alone = record["ms_per_update"] if record else {}
     if not all(r["variant"] in alone for r in runs):  # one axis for all, or the runs' own
         alone = {}
     lines = [
@@ -226,7 +225,7 @@ def write_markdown(out: Path, runs: list[dict], args: argparse.Namespace, comman
         plot_curves(out, dataset, [r for r in runs if r["dataset"] == dataset], alone)
         lines += [f"![{dataset}](curves-{dataset}.png)", ""]
     lines += statistics_section(runs)
-    lines += update_times_section(out, args, runs)
+    lines += update_times_section(record, runs)
     lines += attention_section(out)
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
 

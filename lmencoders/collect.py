@@ -18,6 +18,7 @@ import json
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import d3rlpy
 import gymnasium as gym
@@ -112,6 +113,12 @@ def random_action_scaler(
         seen.append(obs)
     seen = np.asarray(seen, dtype=np.float64)
     return d3rlpy.preprocessing.StandardObservationScaler(mean=seen.mean(0), std=seen.std(0))
+
+
+def policy_returns(sac: Any, envs: list[gym.Env], start: int, seed: int) -> np.ndarray:
+    """Returns of the deterministic policy over one episode per env (lockstep, seeded), the
+    policy reading observations from entry ``start``."""
+    return episode_returns(lambda o: sac.predict(o[:, start:]), envs, seed=seed)
 
 
 def sac_input_start(config: CollectConfig) -> int:
@@ -224,9 +231,7 @@ def train_behaviour_policies(config: CollectConfig, folder: Path) -> list[dict]:
         )
         warmup = 0
         path = save_model(sac, folder / "policies" / f"sac-{step}")
-        score = float(
-            np.mean(episode_returns(lambda o: sac.predict(o[:, start:]), eval_envs, seed=10_000))
-        )
+        score = float(np.mean(policy_returns(sac, eval_envs, start, seed=10_000)))
         history.append({"step": step, "return": score, "path": str(path.relative_to(folder))})
         _save_buffer(buffer, buffer_path)
         atomic_write(progress_path, lambda f: f.write(json.dumps(history, indent=1).encode()))
@@ -252,10 +257,7 @@ def selection_returns(config: CollectConfig, folder: Path, history: list[dict]) 
     for checkpoint in tqdm(todo, desc="re-evaluating SAC checkpoints", unit="checkpoint"):
         path = checkpoint["path"]
         sac = load_model(folder / path, trust_pickle=path.endswith(".d3"))
-        start = policy_input_start(sac, envs[0])
-        returns = episode_returns(
-            lambda o, sac=sac, start=start: sac.predict(o[:, start:]), envs, seed=20_000
-        )
+        returns = policy_returns(sac, envs, policy_input_start(sac, envs[0]), seed=20_000)
         checkpoint["selection_return"] = float(np.mean(returns))
         checkpoint["selection_std"] = float(np.std(returns))
         atomic_write(log_path, lambda f: f.write(json.dumps(history, indent=1).encode()))

@@ -17,7 +17,7 @@ import numpy as np
 
 from .datasets import file_md5
 from .experiments import METHODS, PAPER_RESULTS
-from .sections import place_sections
+from .sections import ANCHOR, place_sections
 from .statistics import curve_band
 
 __all__ = ["write_results"]
@@ -390,7 +390,7 @@ def write_results(
         + "\n\n".join(plots)
         + "\n\n"
         + (f"{notes.strip()}\n\n" if notes else "")
-        + "## The paper's numbers, for comparison\n\n"
+        + f"{ANCHOR}\n\n"
         "Tarasov et al. (2022): raw returns on NeoRL v1 low datasets (99 trajectories); "
         "the paper gives no LM-Finetune number for FinRL.\n\n"
         f"{_paper_table()}\n"

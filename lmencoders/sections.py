@@ -15,8 +15,9 @@ from pathlib import Path
 
 __all__ = ["as_section", "place_sections"]
 
-# the heading that a section goes before when RESULTS.md has no block for it yet
-ANCHOR = "## The paper's numbers"
+# the heading (written by report.py) that a section goes before when RESULTS.md has no
+# block for it yet
+ANCHOR = "## The paper's numbers, for comparison"
 _LINK = re.compile(r"(\]\()([^)\s]+)(\))")
 
 

@@ -48,7 +48,7 @@ def test_a_section_has_deeper_headings_and_links_from_the_results_folder(tmp_pat
 def test_placing_a_section_again_replaces_its_block(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     report = _write_report(tmp_path)
-    results = "# Results\n\nthe grid\n\n## The paper's numbers\n\n| a |\n"
+    results = "# Results\n\nthe grid\n\n## The paper's numbers, for comparison\n\n| a |\n"
     once = place_sections(results, ["results/bench/RESULTS.md"], "RESULTS.md")
     assert once.index("## A benchmark") < once.index("## The paper's numbers")
     report.write_text(BENCHMARK_REPORT.replace("# A benchmark", "# A benchmark, rerun"))
@@ -65,7 +65,7 @@ def test_report_refreshes_sections_only_and_names_what_is_missing(tmp_path, monk
     command = ["report", "--sections", "results/bench/RESULTS.md", "--sections-only"]
     assert main(command) == 2  # no RESULTS.md to refresh
     assert "no RESULTS.md to refresh" in capsys.readouterr().err
-    Path("RESULTS.md").write_text("# Results\n\n## The paper's numbers\n")
+    Path("RESULTS.md").write_text("# Results\n\n## The paper's numbers, for comparison\n")
     assert main(command) == 0
     assert "## A benchmark" in Path("RESULTS.md").read_text()
     assert main(["report", "--sections", "results/none.md", "--sections-only"]) == 2

@@ -96,11 +96,14 @@ class LanguageBody(nn.Module):
         padded at the front reads as the same window unpadded."""
         return self._run(self._inputs(embeddings, keep)).last_hidden_state
 
+    def _model(self, device: torch.device) -> nn.Module:
+        """The Hugging Face model that runs: the random body, or the shared pretrained one."""
+        return self.random_body if self.random_body is not None else self.body(device).model
+
     def word_embeddings(self, device: torch.device) -> torch.Tensor:
         """The ``(V, H)`` word-embedding matrix: the pretrained body's (frozen, never in a
         checkpoint) or the random body's own."""
-        model = self.random_body if self.random_body is not None else self.body(device).model
-        return model.get_input_embeddings().weight
+        return self._model(device).get_input_embeddings().weight
 
     def language_loss(self, ids: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy of the body, as tuned, on token ids ``(B, L + 1)``,
@@ -116,9 +119,7 @@ class LanguageBody(nn.Module):
     def attentions(self, embeddings: torch.Tensor, keep: torch.Tensor) -> list[torch.Tensor]:
         """Attention probabilities ``(B, heads, L, L)`` of every layer (eager attention for
         the call: fused kernels do not return them)."""
-        model = (
-            self.random_body if self.random_body is not None else self.body(embeddings.device).model
-        )
+        model = self._model(embeddings.device)
         previous = model.config._attn_implementation
         model.set_attn_implementation("eager")
         try:
