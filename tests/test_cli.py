@@ -95,6 +95,20 @@ def test_collect_remakes_a_file_recorded_from_another_policy(collected):
     assert json.loads(record_path.read_text())["datasets"][stale.name]["policy_step"] == picked
 
 
+def test_collect_remakes_every_file_when_its_record_is_unreadable(collected, capsys):
+    out, args = collected
+    files = sorted(out.glob("*.npz"))
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    (out / "collect.json").write_text("{not json")
+    assert main(args) == 0
+    assert all(p.stat().st_mtime_ns != stamps[p] for p in files)  # no source known: remade
+    assert json.loads((out / "collect.json").read_text())["datasets"].keys() == {
+        p.name for p in files
+    }
+    assert main(args + ["--selection-episodes", "-1"]) == 2
+    assert "selection_episodes" in capsys.readouterr().err
+
+
 def test_collect_finrl_with_standardised_sac_inputs(tmp_path):
     args = ["collect", "--env", "finance", "--out", str(tmp_path), "--sac-steps", "200"]
     args += ["--checkpoint-every", "100", "--eval-episodes", "1", "--levels", "low"]
