@@ -22,7 +22,6 @@ from .train import TrainConfig, finished_run, run_name, train
 
 __all__ = ["METHODS", "PAPER_RESULTS", "ExperimentConfig", "run_experiment"]
 
-# The paper's columns: method -> (algorithm, encoder, tuning)
 # The paper's columns, and ours: method -> (algorithm, encoder, tuning, pooling)
 METHODS: dict[str, tuple[str, str, str, str]] = {
     "BC": ("bc", "vector", "frozen", "mean"),
