@@ -503,10 +503,15 @@ class LanguageModel:
         batch_size: int | None = None,
         show_progress: bool = False,
         precision: str = "float32",
-    ) -> torch.Tensor:
+        with_mean: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Features (N, P, H) of N texts of P segments each: for every segment, the mean of its
         own tokens' contextual states (separators and special tokens excluded), from one
-        frozen forward pass of the whole text (or of the chunk that holds the segment)."""
+        frozen forward pass of the whole text (or of the chunk that holds the segment).
+
+        With ``with_mean``, also the (N, H) mean-pooled features of :meth:`encode` from the
+        same pass (its tokens and chunks are the same), so a grid that needs both pays for
+        one forward instead of two."""
         window = min(optional_positive(max_length, "max_length") or self.window, self.window)
         batch_size = optional_positive(batch_size, "batch_size") or default_batch_size(self.device)
         firsts, inverse = _distinct(separator.join(s) for s in segments)
@@ -518,12 +523,19 @@ class LanguageModel:
         sums = torch.zeros(len(distinct) * per_text, self.hidden_size, device=device)
         counts = torch.zeros(len(distinct) * per_text, device=device)
         pad_id = self.tokenizer.pad_token_id or 0
+        if with_mean:
+            means = torch.empty(len(chunks.ids), self.hidden_size, device=device)
+            mean_weights = torch.empty(len(chunks.ids), device=device)
         bar = tqdm(
             total=len(chunks.ids), desc="LM forward", unit="chunk", disable=not show_progress
         )
         with torch.inference_mode():
             for positions, input_ids, mask in length_buckets(chunks.ids, batch_size, pad_id):
-                hidden = self._hidden(input_ids.to(device), mask.to(device), None, precision)
+                mask = mask.to(device)
+                hidden = self._hidden(input_ids.to(device), mask, None, precision)
+                if with_mean:
+                    rows = torch.as_tensor(positions, device=device)
+                    means[rows], mean_weights[rows] = _mean_pool(hidden, mask)
                 piece = torch.full(input_ids.shape, -1, dtype=torch.long)
                 for row, pos in enumerate(positions.tolist()):
                     piece[row, : len(chunks.pieces[pos])] = torch.from_numpy(chunks.pieces[pos])
@@ -534,7 +546,10 @@ class LanguageModel:
                 bar.update(len(positions))
         bar.close()
         features = (sums / counts.clamp(min=1).unsqueeze(-1)).view(len(distinct), per_text, -1)
-        return features[torch.as_tensor(inverse, device=device)]
+        inverse = torch.as_tensor(inverse, device=device)
+        if not with_mean:
+            return features[inverse]
+        return features[inverse], _merge_chunks(chunks, means, mean_weights)[inverse]
 
     def piece_attribution(
         self,

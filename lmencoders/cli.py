@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .backbone import ALLOW_DOWNLOAD, DEFAULT_MODEL, POOLING_NAMES, PRECISIONS
+from .backbone import ALLOW_DOWNLOAD, DEFAULT_MODEL, PIECE_POOLING, POOLING_NAMES, PRECISIONS
 from .checks import optional_positive, positive
 from .options import add_options, from_args, option
 
@@ -31,6 +31,12 @@ class PrecomputeConfig:
     train_num: int | None = option(None, "keep only the first trajectories (as train does)")
     model: str = option(DEFAULT_MODEL, "Hugging Face name or local directory of the LM")
     pooling: str = option("mean", "how token states become features", choices=sorted(POOLING_NAMES))
+    also_pooling: str | None = option(
+        None,
+        "also cache this pooling's features from the same LM pass ('segments' with 'mean', or "
+        "the reverse)",
+        choices=["mean", PIECE_POOLING],
+    )
     max_length: int | None = option(None, "token window (default: the model's)")
     batch_size: int | None = option(None, "texts per LM forward (default: 16 on CPU, 256 on GPU)")
     device: str = option("cpu", "torch device")
@@ -147,6 +153,7 @@ def _precompute(args: argparse.Namespace) -> int:
         device=config.device,
         cache_dir=config.cache_dir or default_cache_dir(),
         precision=config.precision,
+        also_pooling=config.also_pooling,
     )
     if torch.distributed.is_initialized():
         rank = torch.distributed.get_rank()

@@ -473,12 +473,15 @@ class LMEncoderFactory(EncoderFactory):
         cache_dir: str | Path | Literal[False] | None = None,
         device: str = "cpu",
         show_progress: bool = True,
+        also_pooling: str | None = None,
     ) -> PrecomputeReport:
         """Compute the frozen LM features of raw observations (or of every observation of a
         d3rlpy dataset) once, so that training looks them up instead of running the LM.
 
         Features are kept on disk in ``cache_dir`` (default ``$LMENCODERS_CACHE`` or
-        ``~/.cache/lmencoders``; ``False`` keeps them in memory only).
+        ``~/.cache/lmencoders``; ``False`` keeps them in memory only). ``also_pooling``
+        ("segments" for a mean-pooled factory, or the reverse) fills and caches that pooling's
+        features from the same LM pass, for a run that uses it next.
         """
         if self.tuning != "frozen":
             raise ConfigError(f"precompute needs tuning='frozen'; {self.tuning!r} trains the LM")
@@ -495,6 +498,7 @@ class LMEncoderFactory(EncoderFactory):
             cache_dir=None if cache_dir is False else (cache_dir or default_cache_dir()),
             show_progress=show_progress,
             precision=self.precision,
+            also_pooling=also_pooling,
         )
 
 

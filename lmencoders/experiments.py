@@ -14,11 +14,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .backbone import DEFAULT_MODEL
+from .backbone import DEFAULT_MODEL, PIECE_POOLING
 from .checks import non_negative, optional_positive, positive
 from .errors import ConfigError
 from .options import option
-from .train import TrainConfig, finished_run, run_name, train
+from .train import TrainConfig, finished_run, lm_factory, run_name, train, training_data
 
 __all__ = ["METHODS", "PAPER_RESULTS", "ExperimentConfig", "run_experiment"]
 
@@ -149,6 +149,7 @@ def run_experiment(config: ExperimentConfig) -> dict[str, int]:
         for seed in config.seeds
         for method in config.methods
     ]
+    prepared: set[str] = set()
     bar = tqdm(grid, desc="experiment", unit="run")
     for dataset, seed, method in bar:
         train_config = _train_config(config, dataset, method, seed)
@@ -159,9 +160,37 @@ def run_experiment(config: ExperimentConfig) -> dict[str, int]:
         if config.time_budget is not None and over:
             counts["left"] += 1
             continue
+        if dataset not in prepared:
+            prepared.add(dataset)
+            _precompute_together(config, dataset, _pending_methods(config, dataset))
         bar.write(f"[{method}] {Path(dataset).name} seed {seed}")
         result = train(train_config)
         evaluation = result["evaluation"]
         bar.write(f"  return {evaluation['mean_return']:.1f} in {result['train_seconds']:.0f} s")
         counts["done"] += 1
     return counts
+
+
+def _pending_methods(config: ExperimentConfig, dataset: str) -> set[str]:
+    """The methods with an unfinished run on ``dataset``."""
+    runs = Path(config.out_dir) / "runs"
+    return {
+        method
+        for method in config.methods
+        for seed in config.seeds
+        if finished_run(runs, run_name(_train_config(config, dataset, method, seed))) is None
+    }
+
+
+def _precompute_together(config: ExperimentConfig, dataset: str, methods: set[str]) -> None:
+    """When a dataset's pending runs read one frozen LM with both mean and per-piece pooling
+    (LM-No-Tune and LM-Segments), one LM pass fills and caches both feature tables, where
+    each run would otherwise pay for its own precompute."""
+    frozen = {METHODS[m][3]: m for m in methods if METHODS[m][1:3] == ("lm", "frozen")}
+    if set(frozen) != {"mean", PIECE_POOLING}:
+        return
+    train_config = _train_config(config, dataset, frozen["mean"], config.seeds[0])
+    data, _, description = training_data(train_config)
+    lm_factory(train_config, description).precompute(
+        data.buffer, device=config.device, also_pooling=PIECE_POOLING
+    )

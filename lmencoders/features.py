@@ -209,14 +209,55 @@ class FrozenFeatures:
             features = lm.encode(
                 segments, separator, pooling=self.pooling, **options, show_progress=show_progress
             )
-        features = features.float().cpu().numpy().reshape(len(codes), self.feature_size)
+        return self._checked(features, segments)
+
+    def compute_with(
+        self,
+        other: FrozenFeatures,
+        codes: np.ndarray,
+        device: torch.device | str,
+        batch_size: int | None,
+        show_progress: bool,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`compute` of this table and of ``other`` from one LM pass: the per-piece
+        and the mean-pooled features of the same LM, description, window and precision."""
+
+        def settings(table: FrozenFeatures) -> tuple:
+            return table.model, table.description.fingerprint, table.max_length, table.precision
+
+        if {self.pooling, other.pooling} != {PIECE_POOLING, "mean"} or (
+            settings(self) != settings(other)
+        ):
+            raise ConfigError(
+                "one LM pass gives the 'segments' and 'mean' features of the same LM, "
+                f"description, window and precision; got poolings {self.pooling!r} and "
+                f"{other.pooling!r}"
+            )
+        segments = self.description.segments_from_codes(codes)
+        pieces, mean = self.lm(device).encode_pieces(
+            segments,
+            self.description.separator,
+            max_length=self.max_length,
+            batch_size=batch_size,
+            precision=self.precision,
+            show_progress=show_progress,
+            with_mean=True,
+        )
+        computed = {PIECE_POOLING: pieces, "mean": mean}
+        return self._checked(computed[self.pooling], segments), other._checked(
+            computed[other.pooling], segments
+        )
+
+    def _checked(self, features: torch.Tensor, segments: list) -> np.ndarray:
+        """Features as the table will return them; non-finite ones are an error."""
+        features = features.float().cpu().numpy().reshape(len(segments), self.feature_size)
         # what is returned now must equal what the table returns later (float16 storage)
         features = features.astype(self.table.dtype).astype(np.float32, copy=False)
         bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
         if len(bad):
             text = self.description.separator.join(segments[bad[0]])
             raise FeatureError(
-                f"LM {self.model!r} gave NaN/inf features for {len(bad)} of {len(codes)} "
+                f"LM {self.model!r} gave NaN/inf features for {len(bad)} of {len(segments)} "
                 f"observations (first: {text[:120]!r}); nothing was stored or cached"
             )
         return features
@@ -316,6 +357,7 @@ def precompute_features(
     cache_dir: str | Path | None = None,
     show_progress: bool = True,
     precision: str = "float32",
+    also_pooling: str | None = None,
 ) -> PrecomputeReport:
     """Fill the in-memory table with the features of every distinct observation.
 
@@ -323,18 +365,25 @@ def precompute_features(
     weights, description, pooling, window and dataset content. Under ``torch.distributed``
     each process encodes every ``world_size``-th distinct row (``cache_dir`` is required then
     and must be shared by the processes; see :func:`_compute_sharded`).
+
+    ``also_pooling``: the features of a second pooling from the same LM pass, filled and
+    cached too ("segments" with "mean", or the reverse): a grid that compares the two pays
+    for one precompute per dataset, not two. The report is about ``pooling``'s features.
     """
     start = time.perf_counter()
     batch_size = optional_positive(batch_size, "batch_size")
     max_length = optional_positive(max_length, "max_length")
     description = load_description(description)
-    table = frozen_features(
-        model,
-        description,
-        pooling=pooling,
-        max_length=max_length,
-        precision=check_precision(precision),
-    )
+    settings = dict(max_length=max_length, precision=check_precision(precision))
+    table = frozen_features(model, description, pooling=pooling, **settings)
+    tables = [table]
+    if also_pooling is not None:
+        if {pooling, also_pooling} != {PIECE_POOLING, "mean"}:
+            raise ConfigError(
+                f"also_pooling={also_pooling!r} with pooling={pooling!r}: one LM pass gives "
+                f"the {PIECE_POOLING!r} and 'mean' features together, no other pair"
+            )
+        tables.append(frozen_features(model, description, pooling=also_pooling, **settings))
     observations = np.asarray(observations)
     codes = description.quantize(observations)
     unique, first = np.unique(codes, axis=0, return_index=True)
@@ -348,21 +397,42 @@ def precompute_features(
     if cache_dir is None:
         if world > 1:
             raise ConfigError("sharded precompute needs a cache_dir shared by all processes")
-        table.table.insert(unique, table.compute(unique, device, batch_size, show_progress), raw)
+        computed = _compute(tables, unique, device, batch_size, show_progress)
+        for each, features in zip(tables, computed):
+            each.table.insert(unique, features, raw)
         return finished("computed", None)
-    key = _cache_key(table, unique)
-    path = Path(cache_dir) / key.filename()
-    cached = load_features(path, key, table.feature_size)
-    if cached is not None:
-        table.table.insert(*cached)
-        return finished("disk", path)
+    keys = [_cache_key(each, unique) for each in tables]
+    paths = [Path(cache_dir) / key.filename() for key in keys]
+    missing = []
+    for each, key, path in zip(tables, keys, paths):
+        cached = load_features(path, key, each.feature_size)
+        if cached is None:
+            missing.append((each, key, path))
+        else:
+            each.table.insert(*cached)
     if world > 1:
-        features = _compute_sharded(table, unique, raw, path, device, batch_size, show_progress)
-    else:
-        features = table.compute(unique, device, batch_size, show_progress)
-        save_features(path, key, unique, features, raw)
-    table.table.insert(unique, features, raw)
-    return finished("computed", path)
+        for each, _, path in missing:
+            features = _compute_sharded(each, unique, raw, path, device, batch_size, show_progress)
+            each.table.insert(unique, features, raw)
+    elif missing:
+        computed = _compute([m[0] for m in missing], unique, device, batch_size, show_progress)
+        for (each, key, path), features in zip(missing, computed):
+            save_features(path, key, unique, features, raw)
+            each.table.insert(unique, features, raw)
+    return finished("computed" if missing and missing[0][0] is table else "disk", paths[0])
+
+
+def _compute(
+    tables: list[FrozenFeatures],
+    unique: np.ndarray,
+    device: torch.device | str,
+    batch_size: int | None,
+    show_progress: bool,
+) -> list[np.ndarray]:
+    """Each table's features of ``unique``: one LM pass for one table or for a pair."""
+    if len(tables) == 2:
+        return list(tables[0].compute_with(tables[1], unique, device, batch_size, show_progress))
+    return [tables[0].compute(unique, device, batch_size, show_progress)]
 
 
 def _cache_key(table: FrozenFeatures, unique_codes: np.ndarray) -> CacheKey:

@@ -210,16 +210,33 @@ def _algorithm(config: TrainConfig, description: str) -> tuple[Any, LMEncoderFac
     }
     factory = None
     if config.encoder == "lm":
-        factory = LMEncoderFactory(
-            description=description,
-            model=config.model,
-            tuning=config.tuning,
-            pooling=config.pooling,
-            precision=config.precision,
-        )
+        factory = lm_factory(config, description)
         names = [f.name for f in dataclasses.fields(cls) if f.name.endswith("encoder_factory")]
         kwargs |= {name: factory for name in names}
     return cls(**kwargs).create(device=config.device), factory
+
+
+def lm_factory(config: TrainConfig, description: str) -> LMEncoderFactory:
+    """The LM encoder factory of a run (``encoder="lm"``)."""
+    return LMEncoderFactory(
+        description=description,
+        model=config.model,
+        tuning=config.tuning,
+        pooling=config.pooling,
+        precision=config.precision,
+    )
+
+
+def training_data(config: TrainConfig) -> tuple[Any, str, str]:
+    """A run's dataset, its evaluation environment and the description of its observations."""
+    dataset = load_dataset(config.dataset_source, config.train_num)
+    env_name = config.env or dataset.env
+    if env_name is None:
+        raise ConfigError(f"{dataset.source}: the data names no environment; give env=/--env")
+    description = config.description or description_for(
+        env_name, int(dataset.buffer.episodes[0].observations.shape[-1])
+    )
+    return dataset, env_name, description
 
 
 def evaluate(algo: Any, env_name: str, episodes: int, seed: int = 0) -> dict:
@@ -343,13 +360,7 @@ def evaluation_cost(env_name: str, episodes: int, encoder: str) -> str:
 
 def train(config: TrainConfig) -> dict:
     """Fit on the dataset, save the model, evaluate; returns (and writes) a result record."""
-    dataset = load_dataset(config.dataset_source, config.train_num)
-    env_name = config.env or dataset.env
-    if env_name is None:
-        raise ConfigError(f"{dataset.source}: the data names no environment; give env=/--env")
-    description = config.description or description_for(
-        env_name, int(dataset.buffer.episodes[0].observations.shape[-1])
-    )
+    dataset, env_name, description = training_data(config)
     d3rlpy.seed(config.seed)
     algo, factory = _algorithm(config, description)
     out = _new_run_dir(Path(config.out_dir), run_name(config))

@@ -276,6 +276,42 @@ def test_experiment_runs_in_resumable_parts_and_reports(
     assert len(rows) == 1 + 4
 
 
+def test_experiment_precomputes_mean_and_segments_in_one_lm_pass(
+    collected, tiny_lm, tmp_path, monkeypatch
+):
+    """LM-No-Tune and LM-Segments on one dataset: the dataset goes through the LM once, and
+    each run then reads its table from the cache."""
+    from lmencoders import load_description
+    from lmencoders.envs import description_for
+    from lmencoders.features import FrozenFeatures, clear_feature_caches
+
+    monkeypatch.setenv("LMENCODERS_CACHE", str(tmp_path / "cache"))  # nothing computed before
+    clear_feature_caches()
+    calls: list[tuple[str, int]] = []
+    for name in ("compute", "compute_with"):
+        original = getattr(FrozenFeatures, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            codes = args[1] if _name == "compute_with" else args[0]
+            calls.append((_name, len(codes)))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(FrozenFeatures, name, spy)
+    dataset = collected[0] / "Hopper-v5-low-3-train.npz"
+    methods = ["TD3+BC LM-No-Tune", "TD3+BC LM-Segments"]
+    args = ["experiment", "--datasets", str(dataset), "--methods", *methods, "--seeds", "0"]
+    args += ["--steps", "4", "--eval-every", "0", "--eval-episodes", "1", "--batch-size", "8"]
+    assert main(args + ["--model", tiny_lm, "--out", str(tmp_path / "exp")]) == 0
+    description = load_description(description_for("Hopper-v5", 12))
+    data = read_neorl_file(dataset)
+    assert data.done.any()  # so the tables hold d3rlpy's zero next observation of terminals
+    obs = np.concatenate([data.obs, np.zeros_like(data.obs[:1])])
+    distinct = len(np.unique(description.quantize(obs), axis=0))
+    assert calls[0] == ("compute_with", distinct)
+    assert [c for c in calls if c[1] >= distinct] == [calls[0]]  # after it, evaluations only
+    assert len(list((tmp_path / "exp" / "runs").glob("*/result.json"))) == 2
+
+
 def test_levels_from_one_checkpoint_are_announced_and_warned(capsys):
     from lmencoders.collect import _announce, shared_checkpoints
 

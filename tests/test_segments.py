@@ -80,15 +80,7 @@ def test_piece_vectors_equal_a_plain_forward_over_the_pieces_tokens(tiny_lm, hop
 def test_chunked_long_texts_give_each_piece_its_chunks_states(tiny_lm):
     """FinRL-like groups in a window of 64 tokens: the text is cut between groups, and every
     piece is the mean of its tokens in the forward pass of its own chunk."""
-    description = load_description(
-        {
-            "name": "groups",
-            "dimensions": [{"label": f"d{i}"} for i in range(12)],
-            "groups": {
-                "items": [{"label": f"g{g}", "dimensions": [g, g + 4, g + 8]} for g in range(4)]
-            },
-        }
-    )
+    description = grouped_description()
     obs = np.random.default_rng(0).standard_normal((3, 12)) * 100
     segments = description.format_segments(obs)
     lm = language_model(tiny_lm)
@@ -97,6 +89,117 @@ def test_chunked_long_texts_give_each_piece_its_chunks_states(tiny_lm):
         assert len(lm.tokenizer(description.separator.join(pieces))["input_ids"]) > lm.window
         expected = expected_pieces(tiny_lm, pieces, description.separator)
         assert torch.allclose(ours[row], expected, atol=1e-4)
+
+
+def grouped_description():
+    """FinRL-like: 12 dimensions in 4 groups, longer than the tiny LM's window of 64 tokens."""
+    return load_description(
+        {
+            "name": "groups",
+            "dimensions": [{"label": f"d{i}"} for i in range(12)],
+            "groups": {
+                "items": [{"label": f"g{g}", "dimensions": [g, g + 4, g + 8]} for g in range(4)]
+            },
+        }
+    )
+
+
+@pytest.mark.parametrize("kind", ["hopper", "groups"])
+def test_one_pass_gives_the_pieces_and_the_mean_that_separate_passes_give(
+    kind, tiny_lm, hopper_dataset
+):
+    """Both texts are cut into chunks by the tiny window: the mean merges them as encode does."""
+    lm = language_model(tiny_lm)
+    if kind == "hopper":
+        description = load_description("hopper")
+        obs = hopper_dataset.episodes[0].observations[:5]
+    else:
+        description = grouped_description()
+        obs = np.random.default_rng(1).standard_normal((5, 12)) * 100
+    segments = description.format_segments(obs)
+    pieces, mean = lm.encode_pieces(segments, description.separator, with_mean=True)
+    assert torch.equal(pieces, lm.encode_pieces(segments, description.separator))
+    assert torch.allclose(mean, lm.encode(segments, description.separator), atol=1e-6)
+
+
+def count_lm_forwards(monkeypatch) -> list[int]:
+    """Spy on the LM body's forward: the number of texts of every batch it runs."""
+    from lmencoders.backbone import LanguageModel
+
+    batches: list[int] = []
+    forward = LanguageModel._hidden
+
+    def counting(self, input_ids, *args, **kwargs):
+        batches.append(len(input_ids))
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(LanguageModel, "_hidden", counting)
+    return batches
+
+
+def test_precompute_fills_and_caches_both_poolings_from_one_lm_pass(
+    tiny_lm, hopper_dataset, tmp_path, monkeypatch
+):
+    from lmencoders.features import clear_feature_caches, frozen_features, precompute_features
+
+    obs = hopper_dataset.episodes[0].observations[:40]
+    description = load_description("hopper")
+    batches = count_lm_forwards(monkeypatch)
+    settings = dict(model=tiny_lm, show_progress=False)
+
+    def tables() -> list[np.ndarray]:
+        return [frozen_features(tiny_lm, description, pooling=p)(obs) for p in ("mean", "segments")]
+
+    report = precompute_features(
+        obs, description, **settings, cache_dir=tmp_path, also_pooling="segments"
+    )
+    joint, together = list(batches), tables()
+    assert report.source == "computed" and "-mean-" in report.path.name
+    assert len(list(tmp_path.glob("features-*-segments-*.npz"))) == 1
+    assert len(batches) == len(joint)  # both tables were full: reading them ran no LM
+    apart = []
+    for pooling in ("mean", "segments"):
+        clear_feature_caches()
+        batches.clear()
+        precompute_features(obs, description, **settings, pooling=pooling)
+        assert batches == joint  # one pass each: the same forwards as both together
+        apart.append(frozen_features(tiny_lm, description, pooling=pooling)(obs))
+    for one, other in zip(together, apart):
+        assert np.allclose(one, other, atol=1e-6)
+    clear_feature_caches()
+    batches.clear()
+    report = precompute_features(
+        obs, description, **settings, cache_dir=tmp_path, also_pooling="segments"
+    )
+    assert report.source == "disk" and batches == []
+    for one, other in zip(tables(), together):
+        assert np.array_equal(one, other)
+
+
+def test_precompute_makes_only_the_missing_pooling_again(tiny_lm, hopper_dataset, tmp_path):
+    from lmencoders.features import clear_feature_caches, precompute_features
+
+    obs = hopper_dataset.episodes[0].observations[:20]
+    settings = dict(model=tiny_lm, show_progress=False, cache_dir=tmp_path)
+    precompute_features(obs, "hopper", **settings, pooling="segments", also_pooling="mean")
+    (mean_file,) = tmp_path.glob("features-*-mean-*.npz")
+    (pieces_file,) = tmp_path.glob("features-*-segments-*.npz")
+    written = pieces_file.stat().st_mtime_ns
+    mean_file.unlink()
+    clear_feature_caches()
+    report = precompute_features(obs, "hopper", **settings, pooling="segments", also_pooling="mean")
+    assert report.source == "disk" and mean_file.is_file()
+    assert pieces_file.stat().st_mtime_ns == written
+
+
+def test_only_mean_and_segments_share_a_pass(tiny_lm):
+    from lmencoders.errors import ConfigError
+    from lmencoders.features import precompute_features
+
+    with pytest.raises(ConfigError, match="also_pooling='mean' with pooling='cls'"):
+        precompute_features(
+            np.zeros((2, 12)), "hopper", model=tiny_lm, pooling="cls", also_pooling="mean"
+        )
 
 
 def test_embed_observations_gives_one_vector_per_piece(tiny_lm, hopper_dataset):
