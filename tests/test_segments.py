@@ -142,6 +142,7 @@ def test_precompute_fills_and_caches_both_poolings_from_one_lm_pass(
 ):
     from lmencoders.features import clear_feature_caches, frozen_features, precompute_features
 
+    clear_feature_caches()  # rows other tests put in the shared tables would be kept as they are
     obs = hopper_dataset.episodes[0].observations[:40]
     description = load_description("hopper")
     batches = count_lm_forwards(monkeypatch)
@@ -179,6 +180,7 @@ def test_precompute_fills_and_caches_both_poolings_from_one_lm_pass(
 def test_precompute_makes_only_the_missing_pooling_again(tiny_lm, hopper_dataset, tmp_path):
     from lmencoders.features import clear_feature_caches, precompute_features
 
+    clear_feature_caches()
     obs = hopper_dataset.episodes[0].observations[:20]
     settings = dict(model=tiny_lm, show_progress=False, cache_dir=tmp_path)
     precompute_features(obs, "hopper", **settings, pooling="segments", also_pooling="mean")
