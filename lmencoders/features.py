@@ -70,6 +70,10 @@ def scaler_on(scaler: ObservationScaler, device: torch.device) -> ObservationSca
     return copy
 
 
+# the poolings one LM pass gives together (LanguageModel.encode_pieces(with_mean=True))
+ONE_PASS_POOLINGS = {PIECE_POOLING, "mean"}
+
+
 class FrozenFeatures:
     """Cached features of one (frozen LM, description, pooling, window) combination."""
 
@@ -225,7 +229,7 @@ class FrozenFeatures:
         def settings(table: FrozenFeatures) -> tuple:
             return table.model, table.description.fingerprint, table.max_length, table.precision
 
-        if {self.pooling, other.pooling} != {PIECE_POOLING, "mean"} or (
+        if {self.pooling, other.pooling} != ONE_PASS_POOLINGS or (
             settings(self) != settings(other)
         ):
             raise ConfigError(
@@ -378,7 +382,7 @@ def precompute_features(
     table = frozen_features(model, description, pooling=pooling, **settings)
     tables = [table]
     if also_pooling is not None:
-        if {pooling, also_pooling} != {PIECE_POOLING, "mean"}:
+        if {pooling, also_pooling} != ONE_PASS_POOLINGS:
             raise ConfigError(
                 f"also_pooling={also_pooling!r} with pooling={pooling!r}: one LM pass gives "
                 f"the {PIECE_POOLING!r} and 'mean' features together, no other pair"
