@@ -202,6 +202,13 @@ def test_only_mean_and_segments_share_a_pass(tiny_lm):
         precompute_features(
             np.zeros((2, 12)), "hopper", model=tiny_lm, pooling="cls", also_pooling="mean"
         )
+    from lmencoders.features import frozen_features
+
+    description = load_description("hopper")
+    pieces = frozen_features(tiny_lm, description, pooling="segments", max_length=32)
+    mean = frozen_features(tiny_lm, description, pooling="mean", max_length=48)
+    with pytest.raises(ConfigError, match="same LM, description, window and precision"):
+        pieces.compute_with(mean, description.quantize(np.zeros((2, 12))), "cpu", None, False)
 
 
 def test_embed_observations_gives_one_vector_per_piece(tiny_lm, hopper_dataset):
