@@ -208,6 +208,11 @@ def _algorithm(config: TrainConfig, description: str) -> tuple[Any, LMEncoderFac
         "observation_scaler": d3rlpy.preprocessing.StandardObservationScaler(),
         "batch_size": config.batch_size,
     }
+    if config.algo == "plas":
+        # d3rlpy's PLAS trains only its VAE for warmup_steps (500,000 by default: half of the
+        # 1M-step protocol it comes from), so at any shorter run its actor and critics would
+        # never train. Keep the protocol's split: the VAE alone for the first half of the run.
+        kwargs["warmup_steps"] = config.steps // 2
     factory = None
     if config.encoder == "lm":
         factory = lm_factory(config, description)

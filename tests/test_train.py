@@ -202,3 +202,14 @@ def test_run_names_stay_when_settings_are_added():
     assert run_name(segments).endswith("-segments-seed1-6db62bb8")
     with_curve = TrainConfig(steps=100, eval_every=50, seed=3, curve_episodes=1)
     assert not run_name(with_curve).endswith("e0be2fca")
+
+
+def test_plas_trains_its_policy_in_the_second_half_of_a_short_run(data_file, tmp_path):
+    """d3rlpy's PLAS warms its VAE up for 500,000 steps by default: a 10k-step run would end
+    with an untrained actor. The warm-up is half of the run, and the actor then learns."""
+    result = train(config(data_file, tmp_path, algo="plas", steps=10, eval_every=0))
+    folder = tmp_path / result["run"]
+    params = json.loads((folder / "params.json").read_text())
+    assert params["config"]["params"]["warmup_steps"] == 5
+    actor_losses = (folder / "actor_loss.csv").read_text().splitlines()
+    assert [int(line.split(",")[1]) for line in actor_losses] == [10]
