@@ -9,6 +9,9 @@
 #   scripts/device-baselines.sh SECONDS DATASET...   # on the device, after `scripts/gpu-bundle.sh` here
 #
 # SECONDS: no new run starts after it, and lanes still running at 1.5x it are stopped.
+# GPU_METHODS / CPU_METHODS (default "CQL BCQ" / "BC PLAS") pick the lanes, e.g. only the
+# methods with runs left. On an H100 with 16 cores, 4 datasets (16 lanes, 8 on the GPU) in
+# 495 s: BC ~85 s a run, PLAS ~190 s, BCQ ~440 s, and no CQL run finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 budget=${1:?seconds}
@@ -36,8 +39,8 @@ lane() {  # dataset method device
   echo "$(date +%T) lane $(basename "$1") $2 on $3 ended: $status"
 }
 for dataset in "$@"; do
-  for method in CQL BCQ; do lane "$dataset" "$method" "$gpu" & done
-  for method in BC PLAS; do lane "$dataset" "$method" cpu & done
+  for method in ${GPU_METHODS:-CQL BCQ}; do lane "$dataset" "$method" "$gpu" & done
+  for method in ${CPU_METHODS:-BC PLAS}; do lane "$dataset" "$method" cpu & done
 done
 wait
 finished=$(cd experiments/grid/runs 2> /dev/null && for r in */result.json; do
