@@ -206,7 +206,7 @@ def _describe(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
-    result = train(from_args(TrainConfig, args))
+    result = train(from_args(TrainConfig, args), command="lmencoders " + shlex.join(args.argv))
     config = result["config"]
     print(
         f"dataset {Path(config['dataset']).name}: {result['dataset_trajectories']} trajectories, "
@@ -262,7 +262,7 @@ def _experiment(args: argparse.Namespace) -> int:
     command = "lmencoders " + shlex.join(args.argv)
     history.append({"command": command, "config": dataclasses.asdict(config)})
     atomic_write(log, lambda f: f.write(json.dumps(history, indent=1).encode()))
-    counts = run_experiment(config)
+    counts = run_experiment(config, command)
     print(
         f"runs done {counts['done']}, already finished {counts['skipped']}, "
         f"left for a later part {counts['left']}"

@@ -20,7 +20,7 @@ from .errors import ConfigError
 from .options import option
 from .train import TrainConfig, finished_run, lm_factory, run_name, train, training_data
 
-__all__ = ["METHODS", "PAPER_RESULTS", "ExperimentConfig", "run_experiment"]
+__all__ = ["METHODS", "PAPER_RESULTS", "ExperimentConfig", "grid_run_names", "run_experiment"]
 
 # The paper's columns, and ours: method -> (algorithm, encoder, tuning, pooling)
 METHODS: dict[str, tuple[str, str, str, str]] = {
@@ -138,8 +138,19 @@ def _train_config(config: ExperimentConfig, dataset: str, method: str, seed: int
     )
 
 
-def run_experiment(config: ExperimentConfig) -> dict[str, int]:
-    """Run every missing (dataset, method, seed); returns counts of done/skipped/left runs."""
+def grid_run_names(config: ExperimentConfig) -> set[str]:
+    """The folder names of every run the grid asks for, finished or not."""
+    return {
+        run_name(_train_config(config, dataset, method, seed))
+        for dataset in config.datasets
+        for method in config.methods
+        for seed in config.seeds
+    }
+
+
+def run_experiment(config: ExperimentConfig, command: str | None = None) -> dict[str, int]:
+    """Run every missing (dataset, method, seed); returns counts of done/skipped/left runs.
+    ``command``, the shell command that asked for them, is recorded in each run's result."""
     started = time.perf_counter()
     counts = {"done": 0, "skipped": 0, "left": 0}
     runs = Path(config.out_dir) / "runs"
@@ -164,7 +175,7 @@ def run_experiment(config: ExperimentConfig) -> dict[str, int]:
             prepared.add(dataset)
             _precompute_together(config, dataset, _pending_methods(config, dataset))
         bar.write(f"[{method}] {Path(dataset).name} seed {seed}")
-        result = train(train_config)
+        result = train(train_config, command)
         evaluation = result["evaluation"]
         bar.write(f"  return {evaluation['mean_return']:.1f} in {result['train_seconds']:.0f} s")
         counts["done"] += 1

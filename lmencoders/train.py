@@ -363,8 +363,10 @@ def evaluation_cost(env_name: str, episodes: int, encoder: str) -> str:
     return f"evaluation on {env_name}: {episodes} episodes, {steps}{lm}"
 
 
-def train(config: TrainConfig) -> dict:
-    """Fit on the dataset, save the model, evaluate; returns (and writes) a result record."""
+def train(config: TrainConfig, command: str | None = None) -> dict:
+    """Fit on the dataset, save the model, evaluate; returns (and writes) a result record.
+    ``command``: the shell command that asked for the run, kept in the record so that a
+    report says how each of its runs was made, on whichever machine it ran."""
     dataset, env_name, description = training_data(config)
     d3rlpy.seed(config.seed)
     algo, factory = _algorithm(config, description)
@@ -399,9 +401,7 @@ def train(config: TrainConfig) -> dict:
     train_seconds = time.perf_counter() - started
     if evaluator.last is None:  # no periodic evaluation: save, then evaluate the final policy
         evaluator(algo)
-    return _write_result(
-        config, dataset, description, out, train_seconds, evaluator.last, evaluator.seconds
-    )
+    return _write_result(config, dataset, description, out, train_seconds, evaluator, command)
 
 
 def _write_result(
@@ -410,8 +410,8 @@ def _write_result(
     description: str,
     out: Path,
     train_seconds: float,
-    evaluation: dict,
-    evaluation_seconds: float,
+    evaluator: ReturnEvaluator,
+    command: str | None,
 ) -> dict:
     result = {
         "config": dataclasses.asdict(config)
@@ -420,10 +420,11 @@ def _write_result(
         "dataset_trajectories": dataset.trajectories,
         "dataset_mean_return": float(dataset.returns().mean()),
         "train_seconds": train_seconds,  # the whole run, its evaluations included
-        "evaluation_seconds": evaluation_seconds,
+        "evaluation_seconds": evaluator.seconds,
         "hardware": hardware(config.device),
+        "command": command,
         "model": str(out / MODEL_WEIGHTS),
-        "evaluation": evaluation,
+        "evaluation": evaluator.last,
     }
     # Written last and atomically: its presence marks the run as finished (experiments skip it).
     atomic_write(out / "result.json", lambda f: f.write(json.dumps(result, indent=1).encode()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 
 import numpy as np
@@ -266,7 +267,20 @@ def test_experiment_runs_in_resumable_parts_and_reports(
     assert "| 2 (curve 1) |" in cell  # the result's episodes, and the curve's
     summary = next(line for line in text.splitlines() if line.startswith("| Hopper-v5-low-3"))
     assert summary.count("(2)") == 2  # one cell per method, 2 seeds each
-    assert "lmencoders experiment --datasets" in text  # the exact commands are recorded
+    commands = text.split("```")[1]  # the exact commands are recorded...
+    assert commands.count("lmencoders experiment --datasets") == 2
+    assert "--time-budget 0" not in commands  # ...but not a part that made no run
+    assert lm_result["command"].replace(f"{tmp_path}{os.sep}", "") in commands
+    log = tmp_path / "exp" / "experiment.json"
+    logged = log.read_text()
+    log.unlink()  # runs made on another machine: each brings its own command
+    assert main(report) == 0
+    assert results.read_text().split("```")[1] == commands
+    for record in (tmp_path / "exp" / "runs").glob("*/result.json"):  # runs from before that
+        record.write_text(json.dumps(json.loads(record.read_text()) | {"command": None}))
+    log.write_text(logged)
+    assert main(report) == 0  # fall back on the logged calls whose grid holds them
+    assert results.read_text().split("```")[1].count("lmencoders experiment --datasets") == 3
     data_file = collected[0] / "Hopper-v5-low-3-train.npz"
     md5 = hashlib.md5(data_file.read_bytes()).hexdigest()
     assert f"- `Hopper-v5-low-3-train.npz` (md5 {md5}): `lmencoders collect --env Hopper-v5" in text
