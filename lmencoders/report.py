@@ -369,7 +369,17 @@ def _commands(out: Path, runs: list[tuple[Path, dict]]) -> list[str]:
         if holds_one:
             logged.append(entry["command"])
     own = [result["command"] for _, result in runs if result.get("command")]
-    return list(dict.fromkeys(_relative_to_here(c) for c in logged + own))
+    return list(dict.fromkeys(_whole_grid(_relative_to_here(c)) for c in logged + own))
+
+
+def _whole_grid(command: str) -> str:
+    """An experiment command without its ``--time-budget``, which only ends a part early: the
+    command that makes every run of the grid (finished ones are skipped)."""
+    words = shlex.split(command)
+    if "--time-budget" in words:
+        at = words.index("--time-budget")
+        del words[at : at + 2]
+    return shlex.join(words)
 
 
 def write_results(

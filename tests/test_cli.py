@@ -280,7 +280,9 @@ def test_experiment_runs_in_resumable_parts_and_reports(
         record.write_text(json.dumps(json.loads(record.read_text()) | {"command": None}))
     log.write_text(logged)
     assert main(report) == 0  # fall back on the logged calls whose grid holds them
-    assert results.read_text().split("```")[1].count("lmencoders experiment --datasets") == 3
+    commands = results.read_text().split("```")[1]
+    assert commands.count("lmencoders experiment --datasets") == 2  # one without its budget
+    assert "--time-budget" not in commands
     data_file = collected[0] / "Hopper-v5-low-3-train.npz"
     md5 = hashlib.md5(data_file.read_bytes()).hexdigest()
     assert f"- `Hopper-v5-low-3-train.npz` (md5 {md5}): `lmencoders collect --env Hopper-v5" in text
