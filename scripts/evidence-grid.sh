@@ -25,6 +25,9 @@ suffix=""
 [[ $seed != 0 ]] && suffix=-seed$seed
 folder=data/grid/$task$suffix
 budget=(${LMENCODERS_BUDGET:+--time-budget "$LMENCODERS_BUDGET"})
+# LMENCODERS_SEEDS: a first pass over fewer seeds, e.g. "0 1 2", gives every dataset a result
+# before any has all five; the same command with the rest finishes the grid.
+seeds=${LMENCODERS_SEEDS:-0 1 2 3 4}
 
 # Best SAC return to stop at (issue 11 asks for >= 2,000 / 2,500 / 5,000 on the MuJoCo tasks).
 declare -A STOP=([Hopper-v5]=3000 [Walker2d-v5]=3000 [HalfCheetah-v5]=6000 [finance]=100000)
@@ -36,8 +39,10 @@ declare -A SAC_STEPS=([Hopper-v5]=280000 [Walker2d-v5]=1000000 [HalfCheetah-v5]=
 declare -A LEVELS=([Hopper-v5]="low medium high" [Walker2d-v5]="medium" [HalfCheetah-v5]="medium"
                    [finance]="low medium high")
 declare -A EPISODES=([Hopper-v5]=10 [Walker2d-v5]=10 [HalfCheetah-v5]=10 [finance]=1)
-# the learning curve's points before the last: fewer episodes (the live LM makes evaluation
-# most of a run's time on CPU); the final evaluation, the run's result, uses EPISODES
+# the learning curve's points before the last (every 10k steps): fewer episodes (the live LM
+# makes evaluation a large part of an LM run on CPU, one LM pass per environment step: 346 of
+# 1,519 s on Hopper low, whose episodes are short; medium and high run up to 1,000 steps);
+# the final evaluation, the run's result, uses EPISODES
 declare -A CURVE=([Hopper-v5]=3 [Walker2d-v5]=3 [HalfCheetah-v5]=3 [finance]=1)
 
 datasets() {
@@ -55,8 +60,8 @@ case "$stage" in
     ;;
   train)
     nice -n 5 lmencoders experiment --datasets $(datasets) --out experiments/grid \
-      --methods TD3+BC "TD3+BC LM-No-Tune" "TD3+BC LM-Segments" --seeds 0 1 2 3 4 \
-      --steps 30000 --eval-every 5000 --eval-episodes "${EPISODES[$task]}" \
+      --methods TD3+BC "TD3+BC LM-No-Tune" "TD3+BC LM-Segments" --seeds $seeds \
+      --steps 30000 --eval-every 10000 --eval-episodes "${EPISODES[$task]}" \
       --curve-episodes "${CURVE[$task]}" "${budget[@]}"
     ;;
   baselines)
