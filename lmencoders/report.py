@@ -382,6 +382,44 @@ def _whole_grid(command: str) -> str:
     return shlex.join(words)
 
 
+def _attributions(runs: list[tuple[Path, dict]], figures: Path, rows: int = 64) -> str:
+    """One picture per task and LM method of the pieces its policy reads: the first seed's
+    run, explained on observations of its own dataset (``lmencoders explain``)."""
+    from .explain import draw, explain
+
+    first: dict[tuple[str, str], tuple[int, Path]] = {}
+    for run_dir, result in runs:
+        config = result["config"]
+        key = (config["dataset"], _method_of(result))
+        if config["encoder"] == "lm" and (key not in first or config["seed"] < first[key][0]):
+            first[key] = (config["seed"], run_dir)
+    lines = []
+    for (dataset, method), (seed, run_dir) in sorted(first.items()):
+        name = Path(dataset).stem
+        if not Path(dataset).is_file():
+            lines.append(f"- {name}, {method}: no picture, `{dataset}` is not on this machine")
+            continue
+        explanation = explain(run_dir, dataset, rows=rows)
+        slug = re.sub(r"[^a-z0-9]+", "-", method.lower()).strip("-")
+        png = draw(explanation, figures / f"explain-{name}-{slug}.png")
+        actor = explanation.weights[next(iter(explanation.weights))]
+        top = ", ".join(f"{explanation.labels[i]} ({actor[i]:.2f})" for i in np.argsort(-actor)[:3])
+        lines.append(
+            f"- **{name}, {method}** (seed {seed}, {explanation.method}, "
+            f"{explanation.observations} observations): "
+            f"most weight on {top}\n\n  ![{png.stem}](results/{png.name})"
+        )
+    if not lines:
+        return ""
+    return (
+        "## Which pieces the policy reads\n\n"
+        f"Per task and LM method, the first seed's run explained on up to {rows} observations "
+        "of its dataset (`lmencoders explain`): the readout's attention per piece for LM-Segments, "
+        "gradient x input per piece for mean-pooled LMs. The text names the actor's three "
+        "heaviest pieces; each picture shows actor and critic.\n\n" + "\n".join(lines) + "\n\n"
+    )
+
+
 def write_results(
     out_dir: str | Path,
     results_file: str | Path = "RESULTS.md",
@@ -419,6 +457,7 @@ def write_results(
         f"{table}\n\n"
         + "\n\n".join(plots)
         + "\n\n"
+        + _attributions(runs, figures)
         + (f"{notes.strip()}\n\n" if notes else "")
         + f"{ANCHOR}\n\n"
         "Tarasov et al. (2022): raw returns on NeoRL v1 low datasets (99 trajectories); "

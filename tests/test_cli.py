@@ -288,6 +288,10 @@ def test_experiment_runs_in_resumable_parts_and_reports(
     assert f"- `Hopper-v5-low-3-train.npz` (md5 {md5}): `lmencoders collect --env Hopper-v5" in text
     assert (tmp_path / "results" / "curves-Hopper-v5-low-3-train.png").stat().st_size > 1000
     assert "## Statistics (rliable" in text and "| Hopper-v5-low-3-train | BC | 2 |" in text
+    # one attribution picture per task and LM method, from its first seed's run
+    assert "- **Hopper-v5-low-3-train, TD3+BC LM-No-Tune** (seed 0, gradient x input, " in text
+    picture = tmp_path / "results" / "explain-Hopper-v5-low-3-train-td3-bc-lm-no-tune.png"
+    assert picture.stat().st_size > 1000 and f"(results/{picture.name})" in text
     rows = (tmp_path / "results" / "results.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 4
 
