@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .datasets import file_md5
-from .errors import ConfigError
+from .errors import ConfigError, LMEncodersError
 from .experiments import METHODS, PAPER_RESULTS, ExperimentConfig, grid_run_names
 from .sections import ANCHOR, place_sections
 from .statistics import curve_band
@@ -352,7 +352,7 @@ def _relative_to_here(command: str) -> str:
 
 def _commands(out: Path, runs: list[tuple[Path, dict]]) -> list[str]:
     """The commands that made the finished runs, each once, as the runs recorded them (a run
-    made on another machine brings its own). Runs from before runs kept their command fall back
+    made on another machine brings its own). Older runs, which did not record theirs, fall back
     on the logged ``lmencoders experiment`` calls (``experiment.json``) whose grid holds them."""
     unrecorded = set()
     for run_dir, result in runs:
@@ -399,7 +399,11 @@ def _attributions(runs: list[tuple[Path, dict]], figures: Path, rows: int = 64) 
         if not Path(dataset).is_file():
             lines.append(f"- {name}, {method}: no picture, `{dataset}` is not on this machine")
             continue
-        explanation = explain(run_dir, dataset, rows=rows)
+        try:
+            explanation = explain(run_dir, dataset, rows=rows)
+        except LMEncodersError as error:  # one unreadable run costs its picture, not the report
+            lines.append(f"- {name}, {method}: no picture ({error})")
+            continue
         slug = re.sub(r"[^a-z0-9]+", "-", method.lower()).strip("-")
         png = draw(explanation, figures / f"explain-{name}-{slug}.png")
         actor = explanation.weights[next(iter(explanation.weights))]
