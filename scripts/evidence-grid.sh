@@ -5,9 +5,9 @@
 #   scripts/evidence-grid.sh collect  TASK   # TASK: Hopper-v5 Walker2d-v5 HalfCheetah-v5 finance
 #   scripts/evidence-grid.sh train    TASK   # TD3+BC and its LM variants, 5 seeds, 30k steps
 #   scripts/evidence-grid.sh baselines TASK  # BC CQL PLAS BCQ, 3 seeds, 10k steps
-#     (LMENCODERS_BASELINES="BC PLAS" for the two a CPU affords: a CQL or BCQ update samples
-#     10 or 100 actions per state, ~1 s a step here; scripts/device-baselines.sh runs them on
-#     a lent GPU machine)
+#     (LMENCODERS_BASELINES="BC PLAS" for the two this CPU affords: a BCQ update samples 100
+#     actions per state, ~1.5 s a step here beside two other runs, CQL 10 per state;
+#     scripts/device-baselines.sh runs those two on a lent GPU machine)
 #   scripts/evidence-grid.sh report          # RESULTS.md from every finished run
 #
 # collect, train and baselines take an optional collection SEED after TASK (default 0): a
