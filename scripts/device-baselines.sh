@@ -11,7 +11,11 @@
 # SECONDS: no new run starts after it, and lanes still running at 1.5x it are stopped.
 # GPU_METHODS / CPU_METHODS (default "CQL BCQ" / "BC PLAS") pick the lanes, e.g. only the
 # methods with runs left. On an H100 with 16 cores, 4 datasets (16 lanes, 8 on the GPU) in
-# 495 s: BC ~85 s a run, PLAS ~190 s, BCQ ~440 s, and no CQL run finished.
+# 495 s: BC ~85 s a run, PLAS ~190 s, BCQ ~440 s, and no CQL run finished. BC and PLAS also
+# fit this project's CPU (evidence-grid.sh with LMENCODERS_BASELINES="BC PLAS"): with
+# CPU_METHODS="" the GPU lanes keep a host core each.
+# What travels: the repository, .gpu/whl (no LM weights: baselines read none) and the
+# datasets, under the machine's 64 MiB; Hopper's three files and one FinRL file fit together.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 budget=${1:?seconds}
