@@ -171,7 +171,9 @@ def run_experiment(config: ExperimentConfig, command: str | None = None) -> dict
         if config.time_budget is not None and over:
             counts["left"] += 1
             continue
-        if dataset not in prepared:
+        if dataset not in prepared and train_config.encoder == "lm":
+            # at the dataset's first LM run, not its first run: the runs without an LM (minutes)
+            # need not wait for an LM pass over the dataset (hours for FinRL on a CPU)
             prepared.add(dataset)
             _precompute_together(config, dataset, _pending_methods(config, dataset))
         bar.write(f"[{method}] {Path(dataset).name} seed {seed}")

@@ -300,7 +300,7 @@ def test_experiment_precomputes_mean_and_segments_in_one_lm_pass(
     collected, tiny_lm, tmp_path, monkeypatch
 ):
     """LM-No-Tune and LM-Segments on one dataset: the dataset goes through the LM once, and
-    each run then reads its table from the cache."""
+    each run then reads its table from the cache; a run without an LM does not wait for it."""
     from lmencoders import load_description
     from lmencoders.envs import description_for
     from lmencoders.features import FrozenFeatures, clear_feature_caches
@@ -308,17 +308,20 @@ def test_experiment_precomputes_mean_and_segments_in_one_lm_pass(
     monkeypatch.setenv("LMENCODERS_CACHE", str(tmp_path / "cache"))  # nothing computed before
     clear_feature_caches()
     calls: list[tuple[str, int]] = []
+    finished_before: list[int] = []  # finished runs when the LM pass started
+    runs = tmp_path / "exp" / "runs"
     for name in ("compute", "compute_with"):
         original = getattr(FrozenFeatures, name)
 
         def spy(self, *args, _name=name, _original=original, **kwargs):
             codes = args[1] if _name == "compute_with" else args[0]
             calls.append((_name, len(codes)))
+            finished_before.append(len(list(runs.glob("*/result.json"))))
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(FrozenFeatures, name, spy)
     dataset = collected[0] / "Hopper-v5-low-3-train.npz"
-    methods = ["TD3+BC LM-No-Tune", "TD3+BC LM-Segments"]
+    methods = ["TD3+BC", "TD3+BC LM-No-Tune", "TD3+BC LM-Segments"]
     args = ["experiment", "--datasets", str(dataset), "--methods", *methods, "--seeds", "0"]
     args += ["--steps", "4", "--eval-every", "0", "--eval-episodes", "1", "--batch-size", "8"]
     assert main(args + ["--model", tiny_lm, "--out", str(tmp_path / "exp")]) == 0
@@ -329,7 +332,8 @@ def test_experiment_precomputes_mean_and_segments_in_one_lm_pass(
     distinct = len(np.unique(description.quantize(obs), axis=0))
     assert calls[0] == ("compute_with", distinct)
     assert [c for c in calls if c[1] >= distinct] == [calls[0]]  # after it, evaluations only
-    assert len(list((tmp_path / "exp" / "runs").glob("*/result.json"))) == 2
+    assert finished_before[0] == 1  # the plain TD3+BC run came first
+    assert len(list(runs.glob("*/result.json"))) == 3
 
 
 def test_levels_from_one_checkpoint_are_announced_and_warned(capsys):
