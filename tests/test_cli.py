@@ -512,3 +512,17 @@ def test_sac_reads_gymnasium_observations_and_the_data_keep_x(tmp_path):
     config.sac_steps = 400
     with pytest.raises(ConfigError, match="--sac-sees-positions"):
         train_behaviour_policies(config, with_x)
+
+
+def test_report_attributions_name_a_dataset_that_is_not_here(tmp_path):
+    """RESULTS.md made on a machine without a run's dataset says so instead of failing."""
+    from lmencoders.report import _attributions
+
+    config = {"dataset": "data/elsewhere/Hopper-v5-low-99-train.npz", "algo": "td3+bc"}
+    config |= {"encoder": "lm", "tuning": "frozen", "pooling": "segments", "seed": 1}
+    section = _attributions([(tmp_path / "run", {"config": config})], tmp_path / "results")
+    assert section.startswith("## Which pieces the policy reads")
+    assert "- Hopper-v5-low-99-train, TD3+BC LM-Segments: no picture, " in section
+    assert "`data/elsewhere/Hopper-v5-low-99-train.npz` is not on this machine" in section
+    vector = config | {"encoder": "vector"}  # runs without an LM have nothing to explain
+    assert _attributions([(tmp_path / "run", {"config": vector})], tmp_path) == ""
