@@ -172,7 +172,7 @@ def _collect(args: argparse.Namespace) -> int:
     from .collect import CollectConfig, collect
 
     config = from_args(CollectConfig, args)
-    record = collect(config, command="lmencoders " + shlex.join(args.argv))
+    record = collect(config, command=args.invocation)
     print(f"done in {record['seconds']:.0f} s; record: {Path(config.out_dir) / 'collect.json'}")
     return 0
 
@@ -206,7 +206,7 @@ def _describe(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
-    result = train(from_args(TrainConfig, args), command="lmencoders " + shlex.join(args.argv))
+    result = train(from_args(TrainConfig, args), command=args.invocation)
     config = result["config"]
     print(
         f"dataset {Path(config['dataset']).name}: {result['dataset_trajectories']} trajectories, "
@@ -259,7 +259,7 @@ def _experiment(args: argparse.Namespace) -> int:
     config = from_args(ExperimentConfig, args)
     log = Path(config.out_dir) / "experiment.json"
     history = json.loads(log.read_text()) if log.is_file() else []
-    command = "lmencoders " + shlex.join(args.argv)
+    command = args.invocation
     history.append({"command": command, "config": dataclasses.asdict(config)})
     atomic_write(log, lambda f: f.write(json.dumps(history, indent=1).encode()))
     counts = run_experiment(config, command)
@@ -288,7 +288,7 @@ def _relabel(args: argparse.Namespace) -> int:
     from .relabel import RelabelConfig, relabel
 
     config = from_args(RelabelConfig, args)
-    record = relabel(config, command="lmencoders " + shlex.join(args.argv))
+    record = relabel(config, command=args.invocation)
     counts = ", ".join(f"{answer} {n}" for answer, n in sorted(record["counts"].items()))
     print(
         f"{record['spans']} outcomes judged by {config.judge} ({record['verdicts_from_cache']} "
@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(argv) if argv is not None else sys.argv[1:]
     args = build_parser().parse_args(argv)
-    args.argv = argv
+    args.invocation = "lmencoders " + shlex.join(argv)  # what records say made them
     if args.allow_download:
         os.environ[ALLOW_DOWNLOAD] = "1"
     if not args.verbose:  # d3rlpy logs every config and epoch through structlog

@@ -45,15 +45,19 @@ def _learning_curve(run_dir: Path) -> list[tuple[int, float]]:
 _ATTEMPT = re.compile(r"^(?P<base>.+-[0-9a-f]{8})(?:-(?P<attempt>\d+))?$")
 
 
+def _configuration(run_folder: str) -> tuple[str, int]:
+    """A run folder's configuration name and attempt (``name``: 1, ``name-2``: 2...)."""
+    match = _ATTEMPT.match(run_folder)
+    return (match["base"], int(match["attempt"] or 1)) if match else (run_folder, 1)
+
+
 def _finished_runs(out: Path) -> list[tuple[Path, dict]]:
     """Every finished run (a folder with ``result.json``) with its record; of a configuration
     run more than once (``name``, ``name-2``...), only the newest counts, so a rerun never
     enters the statistics as an extra seed."""
     newest: dict[str, tuple[int, Path]] = {}
     for path in sorted((out / "runs").glob("*/result.json")):
-        match = _ATTEMPT.match(path.parent.name)
-        base = match["base"] if match else path.parent.name
-        attempt = int(match["attempt"] or 1) if match else 1
+        base, attempt = _configuration(path.parent.name)
         if base not in newest or attempt > newest[base][0]:
             newest[base] = (attempt, path)
     return [
@@ -354,11 +358,7 @@ def _commands(out: Path, runs: list[tuple[Path, dict]]) -> list[str]:
     """The commands that made the finished runs, each once, as the runs recorded them (a run
     made on another machine brings its own). Older runs, which did not record theirs, fall back
     on the logged ``lmencoders experiment`` calls (``experiment.json``) whose grid holds them."""
-    unrecorded = set()
-    for run_dir, result in runs:
-        if not result.get("command"):
-            match = _ATTEMPT.match(run_dir.name)
-            unrecorded.add(match["base"] if match else run_dir.name)
+    unrecorded = {_configuration(d.name)[0] for d, result in runs if not result.get("command")}
     log = out / "experiment.json"
     logged = []
     for entry in json.loads(log.read_text()) if unrecorded and log.is_file() else []:

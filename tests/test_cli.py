@@ -526,3 +526,18 @@ def test_report_attributions_name_a_dataset_that_is_not_here(tmp_path):
     assert "`data/elsewhere/Hopper-v5-low-99-train.npz` is not on this machine" in section
     vector = config | {"encoder": "vector"}  # runs without an LM have nothing to explain
     assert _attributions([(tmp_path / "run", {"config": vector})], tmp_path) == ""
+
+
+def test_report_counts_only_the_newest_attempt_of_a_configuration(tmp_path):
+    """A rerun (``name-2``) replaces its first attempt in the report instead of adding a seed,
+    and neither attempt's command is shown twice."""
+    from lmencoders.report import _commands, _finished_runs
+
+    name = "Hopper-v5-low-3-train-bc-vector-seed0-0123abcd"
+    for folder, command in [(name, "lmencoders a"), (f"{name}-2", "lmencoders b")]:
+        (tmp_path / "runs" / folder).mkdir(parents=True)
+        record = {"run": folder, "command": command}
+        (tmp_path / "runs" / folder / "result.json").write_text(json.dumps(record))
+    runs = _finished_runs(tmp_path)
+    assert [result["run"] for _, result in runs] == [f"{name}-2"]
+    assert _commands(tmp_path, runs) == ["lmencoders b"]
