@@ -216,3 +216,78 @@ def test_bad_sizes_are_refused_before_anything_is_computed(tiny_lm, tmp_path, na
     with pytest.raises(ConfigError, match=name):
         lmencoders.LMEncoderFactory(description="hopper", model=tiny_lm, **{name: value})
     assert not list(tmp_path.iterdir())
+
+
+def test_an_interrupted_precompute_goes_on_from_its_last_part(tiny_lm, tmp_path, monkeypatch):
+    from lmencoders.backbone import LanguageModel
+
+    obs = observations(n=30)
+    whole = precompute_features(obs, "hopper", model=tiny_lm, show_progress=False)
+    expected = lmencoders.embed_observations(obs, "hopper", model=tiny_lm, show_progress=False)
+    assert whole.source == "computed"
+    clear_feature_caches()
+    passes: list[int] = []
+    original = LanguageModel.encode_pieces
+
+    def dying_on_third_part(self, segments, *args, **kwargs):  # as a killed process would
+        passes.append(len(segments))
+        if len(passes) == 3:
+            raise KeyboardInterrupt
+        return original(self, segments, *args, **kwargs)
+
+    monkeypatch.setattr(LanguageModel, "encode_pieces", dying_on_third_part)
+    settings = dict(
+        model=tiny_lm, pooling="segments", also_pooling="mean", part_rows=8, show_progress=False
+    )
+    with pytest.raises(KeyboardInterrupt):
+        precompute_features(obs, "hopper", cache_dir=tmp_path, **settings)
+    parts = sorted(p.name for p in tmp_path.glob("*.part*"))
+    assert len(parts) == 4 and all("-of-00004.npz" in p for p in parts)  # 2 parts x 2 poolings
+    assert all(".part" in p.name for p in tmp_path.iterdir())  # no cache file yet
+
+    clear_feature_caches()  # a new process
+    passes.clear()
+    report = precompute_features(obs, "hopper", cache_dir=tmp_path, **settings)
+    assert passes == [8, 6]  # parts 3 and 4 only: 30 rows in parts of 8
+    assert report.source == "computed" and report.path.is_file()
+    assert not list(tmp_path.glob("*.part*"))  # merged into the cache files, then removed
+    resumed = lmencoders.embed_observations(obs, "hopper", model=tiny_lm, show_progress=False)
+    np.testing.assert_allclose(resumed, expected, atol=1e-5)  # parts batch other rows together
+    pieces = lmencoders.embed_observations(
+        obs, "hopper", model=tiny_lm, pooling="segments", show_progress=False
+    )
+    clear_feature_caches()
+    monkeypatch.setattr(LanguageModel, "encode_pieces", original)
+    straight = lmencoders.embed_observations(
+        obs, "hopper", model=tiny_lm, pooling="segments", show_progress=False
+    )
+    np.testing.assert_allclose(pieces, straight, atol=1e-3)  # float16 storage
+
+
+def test_a_broken_part_file_is_encoded_again(tiny_lm, tmp_path, monkeypatch, lm_texts):
+    from lmencoders import features
+
+    original = features._compute
+    calls: list[int] = []
+
+    def dying_on_third_part(tables, codes, *args, **kwargs):  # as a killed process would
+        calls.append(len(codes))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(tables, codes, *args, **kwargs)
+
+    obs = observations(n=20)
+    settings = dict(model=tiny_lm, cache_dir=tmp_path, part_rows=8, show_progress=False)
+    monkeypatch.setattr(features, "_compute", dying_on_third_part)
+    with pytest.raises(KeyboardInterrupt):
+        precompute_features(obs, "hopper", **settings)
+    monkeypatch.setattr(features, "_compute", original)
+    parts = sorted(tmp_path.glob("*.part*"))
+    assert [p.name[-22:] for p in parts] == ["part00000-of-00003.npz", "part00001-of-00003.npz"]
+    parts[1].write_bytes(parts[1].read_bytes()[:100])  # cut short
+    clear_feature_caches()
+    lm_texts.clear()
+    with pytest.warns(UserWarning, match=r"part00001-of-00003.npz is unreadable"):
+        report = precompute_features(obs, "hopper", **settings)
+    assert lm_texts == [8, 4]  # the broken part and the missing one
+    assert report.path.is_file() and not list(tmp_path.glob("*.part*"))
