@@ -179,7 +179,8 @@ def _estimate_cells(tasks: list, method: str, values: dict, variants: list[str])
     from . import statistics
 
     probability = statistics.improvement(tasks, method, BASELINE) if method in variants else None
-    words = statistics.verdict(probability, method, BASELINE) if probability else ""
+    runs = min(statistics.runs(tasks, method), statistics.runs(tasks, BASELINE))
+    words = statistics.verdict(probability, method, BASELINE, runs) if probability else ""
     return f"{values['IQM']} | {values['mean']} | {probability or '-'} | {words}"
 
 

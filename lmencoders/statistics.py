@@ -22,6 +22,7 @@ __all__ = [
     "scores_by_task",
     "aggregates",
     "improvement",
+    "runs",
     "verdict",
     "curve_band",
 ]
@@ -29,6 +30,7 @@ __all__ = [
 CONFIDENCE = 0.95
 REPS = 5_000  # bootstrap replications (rliable's examples use 2,000 to 50,000)
 CURVE_REPS = 2_000  # per learning curve: a band to look at, not a number to quote
+MIN_RUNS = 3  # runs per method and task before an interval is read as a verdict
 SEED = 0  # the bootstrap's random state: the same runs give the same intervals
 
 
@@ -131,8 +133,18 @@ def improvement(tasks: Sequence[Scores], method: str, baseline: str) -> Interval
     return _intervals({"pair": [x, y]}, metrics.probability_of_improvement)["pair"][0]
 
 
-def verdict(probability: Interval, method: str, baseline: str) -> str:
-    """What the interval of P(method > baseline) supports, in words."""
+def runs(tasks: Sequence[Scores], method: str) -> int:
+    """How many of ``method``'s runs the statistics use per task (the seeds every task has)."""
+    matrix = _matrix(tasks, method)
+    return 0 if matrix is None else len(matrix)
+
+
+def verdict(probability: Interval, method: str, baseline: str, runs: int) -> str:
+    """What the interval of P(method > baseline) supports, in words; ``runs``: the fewer of
+    the two methods' runs per task. Below ``MIN_RUNS`` a bootstrap interval is not evidence
+    (one run against one gives [0, 0] or [1, 1]), so no side is taken."""
+    if runs < MIN_RUNS:
+        return f"too few runs for a verdict ({runs}; at least {MIN_RUNS} of each method)"
     if probability.low > 0.5:
         return f"{method} above {baseline} (the interval excludes 0.5)"
     if probability.high < 0.5:

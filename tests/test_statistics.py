@@ -59,11 +59,21 @@ def test_verdict_words_follow_the_interval():
     )["t"]
     p = statistics.improvement([clear], "LM", "TD3+BC")
     assert p.point == 1.0 and p.low == 1.0
-    assert statistics.verdict(p, "LM", "TD3+BC").startswith("LM above TD3+BC")
+    assert statistics.runs([clear], "LM") == 5
+    assert statistics.verdict(p, "LM", "TD3+BC", 5).startswith("LM above TD3+BC")
     reverse = statistics.improvement([clear], "TD3+BC", "LM")
-    assert statistics.verdict(reverse, "TD3+BC", "LM").startswith("LM above TD3+BC")
+    assert statistics.verdict(reverse, "TD3+BC", "LM", 5).startswith("LM above TD3+BC")
     mixed = statistics.Interval(0.6, 0.3, 0.9)
-    assert statistics.verdict(mixed, "LM", "TD3+BC").startswith("no difference supported")
+    assert statistics.verdict(mixed, "LM", "TD3+BC", 5).startswith("no difference supported")
+
+
+def test_no_verdict_from_too_few_runs():
+    # one run against two: the bootstrap's interval is a point, [0, 0], which is no evidence
+    few = statistics.scores_by_task(rows("LM", "t", [10]) + rows("TD3+BC", "t", [20, 30]))["t"]
+    p = statistics.improvement([few], "LM", "TD3+BC")
+    assert (p.low, p.high) == (0.0, 0.0) and statistics.runs([few], "LM") == 1
+    assert statistics.verdict(p, "LM", "TD3+BC", 1).startswith("too few runs for a verdict (1;")
+    assert statistics.verdict(p, "LM", "TD3+BC", 3).startswith("TD3+BC above LM")
 
 
 def test_curve_band_holds_the_mean():
