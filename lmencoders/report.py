@@ -123,6 +123,7 @@ def _tables(out: Path, runs: list[tuple[Path, dict]]) -> str:
                 f"{_values(group, 'steps')} | {_episodes(group)} | "
                 f"{_run_minutes(group)} | {_values(group, 'hardware')} |"
             )
+    _remove_pictures(out)
     _plot_curves(out, rows)
     summary = _summary(groups, datasets, methods) + "\n\nEvery cell:\n\n" + "\n".join(lines)
     return summary + "\n\n" + _statistics(out, rows, methods)
@@ -136,7 +137,6 @@ def _statistics(out: Path, rows: list[dict], methods: list[str]) -> str:
     table, and the interval plot (``intervals.png``)."""
     from . import statistics
 
-    (out / "intervals.png").unlink(missing_ok=True)  # drawn again below, or not at all
     tasks = statistics.scores_by_task(rows)
     variants = [m for m in methods if "LM" in m and BASELINE in methods]
     lines = [
@@ -266,6 +266,16 @@ def _episodes(group: list[dict]) -> str:
 def _values(group: list[dict], key: str, form: str = "{}") -> str:
     """The distinct values of a column in a group of runs (one, unless settings were mixed)."""
     return ", ".join(form.format(v) for v in sorted({r[key] for r in group}))
+
+
+# the pictures a report draws: all of them are drawn again, so none outlives its runs
+PICTURES = ("curves-*.png", "explain-*.png", "intervals.png")
+
+
+def _remove_pictures(folder: Path) -> None:
+    for pattern in PICTURES:
+        for picture in folder.glob(pattern):
+            picture.unlink()
 
 
 def _plot_curves(out: Path, rows: list[dict]) -> None:
@@ -439,6 +449,7 @@ def write_results(
     table = _tables(out, runs)
     figures = target.parent / "results"
     figures.mkdir(parents=True, exist_ok=True)
+    _remove_pictures(figures)  # of runs an earlier report held (datasets since replaced)
     shutil.copy(out / "results.csv", figures / "results.csv")
     plots = []
     for png in sorted(out.glob("curves-*.png")):

@@ -257,7 +257,15 @@ def test_experiment_runs_in_resumable_parts_and_reports(
     monkeypatch.chdir(tmp_path)  # as in a repository: recorded paths under it become relative
     (tmp_path / "bench.md").write_text("# A benchmark\n\n![curves](curves.png)\n")
     report = ["report", "--out", str(tmp_path / "exp"), "--results", str(results)]
+    stale = [
+        tmp_path / "results" / "curves-gone-30-train.png",
+        tmp_path / "exp" / "curves-gone-30-train.png",
+    ]
+    for picture in stale:  # an earlier report's, of runs since moved away
+        picture.parent.mkdir(exist_ok=True)
+        picture.write_bytes(b"png")
     assert main(report + ["--sections", "bench.md"]) == 0
+    assert not any(picture.exists() for picture in stale)
     text = results.read_text()
     assert text.index("## A benchmark") < text.index("## The paper's numbers")
     assert "--out exp" in text and f"--out {tmp_path}" not in text
