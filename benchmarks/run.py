@@ -720,7 +720,9 @@ def main() -> None:
             "Frozen MiniLM features of Hopper observations. Plain HF: batches of 256 in dataset "
             "order, padded to the longest, mean pooling. lmencoders: exact dedup, length-sorted "
             "batches of 16 (faster than 256 on CPU), inference mode. Features must match "
-            "(<= 1e-4). Goal >= 2x.",
+            "(<= 1e-4). Goal >= 2x. The last two rows: the same pass through "
+            "`precompute_features` into a cache folder, as one file, or in the resumable parts "
+            "a long precompute is saved in as it goes (a killed one goes on from its last part).",
         ),
         (
             "3. LM passes, copies and checkpoint size",
