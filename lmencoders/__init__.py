@@ -30,6 +30,7 @@ from .errors import (
 )
 from .features import embed_observations, precompute_features
 from .relabel import RelabelConfig, relabel
+from .sampling import flat_sampling
 from .saving import load_model, save_model
 
 register()
@@ -54,6 +55,7 @@ __all__ = [
     "UnreachableTokenError",
     "precompute_features",
     "load_dataset",
+    "flat_sampling",
     "save_model",
     "load_model",
     "RelabelConfig",

@@ -30,6 +30,7 @@ from .envs import description_for, episode_returns, make_env, normalized_score
 from .errors import ConfigError
 from .files import atomic_write
 from .options import option
+from .sampling import flat_sampling
 from .saving import MODEL_WEIGHTS, save_model
 
 __all__ = [
@@ -389,7 +390,7 @@ def train(config: TrainConfig, command: str | None = None) -> dict:
         evaluations=config.steps // config.eval_every if config.eval_every else 1,
     )
     algo.fit(
-        dataset.buffer,
+        flat_sampling(dataset.buffer),  # d3rlpy's batches, gathered instead of picked
         n_steps=config.steps,
         n_steps_per_epoch=config.eval_every or config.steps,
         experiment_name=out.name,
