@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 from d3rlpy.dataset import (
     BasicTransitionPicker,
+    InfiniteBuffer,
     ReplayBuffer,
     ReplayBufferBase,
     Transition,
@@ -77,7 +78,8 @@ class _PickedTransitions(Sequence[Transition]):
 
 class FlatReplayBuffer(ReplayBuffer):
     """A d3rlpy ``ReplayBuffer`` over the same episodes whose transition batches are array
-    gathers; for offline training (the layout is made again when the buffer has grown)."""
+    gathers: for offline training, on an ``InfiniteBuffer`` (the layout is made again when
+    the buffer has grown); other buffers keep d3rlpy's sampling."""
 
     _layout: _Layout | None = None
 
@@ -115,8 +117,11 @@ class FlatReplayBuffer(ReplayBuffer):
 
     def _flat_layout(self) -> _Layout | None:
         """The layout for the buffer as it is now; ``None`` where the flat batch would differ
-        from d3rlpy's (another transition picker, tuple observations)."""
+        from d3rlpy's (another transition picker, tuple observations) or where a layout would
+        go stale unnoticed (a FIFO buffer replaces transitions at the same count)."""
         if type(self.transition_picker) is not BasicTransitionPicker:
+            return None
+        if not isinstance(self.buffer, InfiniteBuffer):
             return None
         if len(self.dataset_info.observation_signature.shape) != 1:
             return None

@@ -70,6 +70,10 @@ def test_other_transition_pickers_keep_d3rlpys_sampling(neorl_dataset):
     )
     (batch,) = batches(flat_sampling(buffer), seed=0, count=1)
     assert (batch.intervals == 2).all()  # the picker's transitions, not the flat layout's
+    fifo = d3rlpy.dataset.ReplayBuffer(
+        d3rlpy.dataset.FIFOBuffer(limit=100), episodes=neorl_dataset.episodes
+    )
+    assert flat_sampling(fifo)._flat_layout() is None  # its transitions change at one count
 
 
 def test_a_grown_buffer_is_laid_out_again(neorl_dataset):
