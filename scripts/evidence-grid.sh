@@ -12,7 +12,9 @@
 #
 # collect, train and baselines take an optional collection SEED after TASK (default 0): a
 # second draw of the same protocol (its own SAC run and rollouts) in data/grid/<task>-seed<N>/,
-# its files named ...-train-seed<N>.npz, so the report shows how far the verdict moves.
+# its files named ...-train-seed<N>.npz, so the report shows how far the verdict moves, e.g.
+#   scripts/evidence-grid.sh collect Hopper-v5 1
+#   LMENCODERS_LEVELS=low LMENCODERS_SEEDS="0 1 2" scripts/evidence-grid.sh train Hopper-v5 1
 #
 # On 2 cores run two lanes at a time, each with one torch thread (the script sets it), under
 # nice; LMENCODERS_BUDGET (seconds) stops a lane from starting new runs after that long.
@@ -49,8 +51,11 @@ declare -A EPISODES=([Hopper-v5]=10 [Walker2d-v5]=10 [HalfCheetah-v5]=10 [financ
 # the final evaluation, the run's result, uses EPISODES
 declare -A CURVE=([Hopper-v5]=3 [Walker2d-v5]=3 [HalfCheetah-v5]=3 [finance]=1)
 
+# LMENCODERS_LEVELS: train or baselines on some levels only, e.g. "low" for a second draw
 datasets() {
-  for level in ${LEVELS[$task]}; do echo "$folder/$task-$level-99-train$suffix.npz"; done
+  for level in ${LMENCODERS_LEVELS:-${LEVELS[$task]}}; do
+    echo "$folder/$task-$level-99-train$suffix.npz"
+  done
 }
 
 case "$stage" in
