@@ -2,7 +2,7 @@
 
 d3rlpy's ``ReplayBuffer.sample_transition_batch`` picks each of a batch's transitions in
 Python (256 picks, each building a ``Transition`` with its own next observation, next action
-and rewards-to-go slice) and then stacks them: on a CPU that is about a quarter of a TD3+BC
+and rewards-to-go slice) and then stacks them: on a CPU that is about a fifth of a plain TD3+BC
 step. An offline dataset does not change while it trains, so its transitions can be laid out
 once as row indices into one observation array. ``FlatReplayBuffer`` draws the same random
 indices as d3rlpy (one ``np.random.randint`` per transition, which NumPy's legacy generator
