@@ -179,8 +179,10 @@ def _estimate_cells(tasks: list, method: str, values: dict, variants: list[str])
     from . import statistics
 
     probability = statistics.improvement(tasks, method, BASELINE) if method in variants else None
-    runs = min(statistics.runs(tasks, method), statistics.runs(tasks, BASELINE))
-    words = statistics.verdict(probability, method, BASELINE, runs) if probability else ""
+    words = ""
+    if probability:
+        fewest = min(statistics.runs(tasks, method), statistics.runs(tasks, BASELINE))
+        words = statistics.verdict(probability, method, BASELINE, fewest)
     return f"{values['IQM']} | {values['mean']} | {probability or '-'} | {words}"
 
 

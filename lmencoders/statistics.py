@@ -139,12 +139,12 @@ def runs(tasks: Sequence[Scores], method: str) -> int:
     return 0 if matrix is None else len(matrix)
 
 
-def verdict(probability: Interval, method: str, baseline: str, runs: int) -> str:
-    """What the interval of P(method > baseline) supports, in words; ``runs``: the fewer of
-    the two methods' runs per task. Below ``MIN_RUNS`` a bootstrap interval is not evidence
-    (one run against one gives [0, 0] or [1, 1]), so no side is taken."""
-    if runs < MIN_RUNS:
-        return f"too few runs for a verdict ({runs}; at least {MIN_RUNS} of each method)"
+def verdict(probability: Interval, method: str, baseline: str, fewest_runs: int) -> str:
+    """What the interval of P(method > baseline) supports, in words; ``fewest_runs``: the
+    fewer of the two methods' runs per task. Below ``MIN_RUNS`` a bootstrap interval is not
+    evidence (one run against one gives [0, 0] or [1, 1]), so no side is taken."""
+    if fewest_runs < MIN_RUNS:
+        return f"too few runs for a verdict ({fewest_runs}; at least {MIN_RUNS} of each method)"
     if probability.low > 0.5:
         return f"{method} above {baseline} (the interval excludes 0.5)"
     if probability.high < 0.5:
