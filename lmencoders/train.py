@@ -2,8 +2,9 @@
 
 A run never destroys another: each configuration has its own folder name (dataset,
 algorithm, encoder, seed, and a hash of every other setting that decides the result), a rerun
-of a configuration gets a fresh folder beside the earlier ones, the model is saved before it
-is evaluated, and ``result.json``, written last and atomically, marks a finished run.
+of a finished configuration gets a fresh folder beside the earlier ones, one killed after an
+epoch goes on from its checkpoint (:mod:`lmencoders.resume`), the model is saved before it is
+evaluated, and ``result.json``, written last and atomically, marks a finished run.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import d3rlpy
 import numpy as np
 import torch
+from d3rlpy.algos.utility import build_scalers_with_transition_picker
 
 from .backbone import DEFAULT_MODEL, POOLING_NAMES, PRECISIONS, TUNING_MODES, check_precision
 from .checks import non_negative, optional_positive, positive
@@ -30,6 +32,15 @@ from .envs import description_for, episode_returns, make_env, normalized_score
 from .errors import ConfigError
 from .files import atomic_write
 from .options import option
+from .resume import (
+    CHECKPOINT,
+    AppendingFileAdapterFactory,
+    Checkpoint,
+    ContinuedLogs,
+    keep_logs_until,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .sampling import flat_sampling
 from .saving import MODEL_WEIGHTS, save_model
 
@@ -302,6 +313,13 @@ class ReturnEvaluator:
         self.seconds = 0.0  # spent evaluating: with a live LM on CPU, most of a run
         self.done = 0
 
+    def state(self) -> dict:
+        """What a continued run needs of the curve so far (see :mod:`lmencoders.resume`)."""
+        return {"done": self.done, "seconds": self.seconds, "last": self.last}
+
+    def restore(self, state: dict) -> None:
+        self.done, self.seconds, self.last = state["done"], state["seconds"], state["last"]
+
     def __call__(self, algo: Any, dataset: Any = None) -> float:
         save_model(algo, self.folder)  # an evaluation that fails loses no training
         started = time.perf_counter()
@@ -367,18 +385,24 @@ def evaluation_cost(env_name: str, episodes: int, encoder: str) -> str:
 def train(config: TrainConfig, command: str | None = None) -> dict:
     """Fit on the dataset, save the model, evaluate; returns (and writes) a result record.
     ``command``: the shell command that asked for the run, kept in the record so that a
-    report says how each of its runs was made, on whichever machine it ran."""
+    report says how each of its runs was made, on whichever machine it ran.
+
+    A run killed after an epoch is continued by the next call with the same settings
+    (:mod:`lmencoders.resume`)."""
     dataset, env_name, description = training_data(config)
     d3rlpy.seed(config.seed)
     algo, factory = _algorithm(config, description)
-    out = _new_run_dir(Path(config.out_dir), run_name(config))
-    print(f"run folder: {out}", flush=True)
+    out, checkpoint = _run_folder(Path(config.out_dir), run_name(config))
+    per_epoch = config.eval_every or config.steps
+    done = checkpoint.epoch if checkpoint else 0
+    if checkpoint:
+        print(f"run folder: {out}, continued from step {done * per_epoch}", flush=True)
+    else:
+        print(f"run folder: {out}", flush=True)
     started = time.perf_counter()
+    earlier = checkpoint.train_seconds if checkpoint else 0.0
     if factory is not None and config.tuning == "frozen":
         factory.precompute(dataset.buffer, device=config.device)
-    adapters: list = [d3rlpy.logging.FileAdapterFactory(root_dir=str(out.parent))]
-    if config.tensorboard:
-        adapters.append(_TensorboardAdapterFactory(root_dir=str(out.parent / "tensorboard")))
     print(evaluation_cost(env_name, config.eval_episodes, config.encoder), flush=True)
     evaluator = ReturnEvaluator(
         env_name,
@@ -389,20 +413,49 @@ def train(config: TrainConfig, command: str | None = None) -> dict:
         curve_episodes=config.curve_episodes,
         evaluations=config.steps // config.eval_every if config.eval_every else 1,
     )
-    algo.fit(
-        flat_sampling(dataset.buffer),  # d3rlpy's batches, gathered instead of picked
-        n_steps=config.steps,
-        n_steps_per_epoch=config.eval_every or config.steps,
-        experiment_name=out.name,
-        with_timestamp=False,
-        logger_adapter=d3rlpy.logging.CombineAdapterFactory(adapters),
-        evaluators={"environment": evaluator} if config.eval_every else None,
-        save_interval=10**9,
-    )
-    train_seconds = time.perf_counter() - started
+    batches = flat_sampling(dataset.buffer)  # d3rlpy's batches, gathered instead of picked
+    files = AppendingFileAdapterFactory if checkpoint else d3rlpy.logging.FileAdapterFactory
+    adapters: list = [files(root_dir=str(out.parent))]
+    if config.tensorboard:
+        adapters.append(_TensorboardAdapterFactory(root_dir=str(out.parent / "tensorboard")))
+    if checkpoint:
+        build_scalers_with_transition_picker(algo, batches)
+        algo.build_with_dataset(batches)
+        evaluator.restore(checkpoint.evaluator)
+        keep_logs_until(out, done)
+        checkpoint.restore(algo)  # the random generators last: nothing may draw after it
+    if done * per_epoch < config.steps:
+        epochs = algo.fitter(
+            batches,
+            n_steps=config.steps - done * per_epoch,
+            n_steps_per_epoch=per_epoch,
+            experiment_name=out.name,
+            with_timestamp=False,
+            logger_adapter=ContinuedLogs(adapters, done, done * per_epoch),
+            evaluators={"environment": evaluator} if config.eval_every else None,
+            save_interval=10**9,
+        )
+        for epoch, _ in epochs:  # d3rlpy has logged the epoch: a checkpoint where it stands
+            seconds = earlier + time.perf_counter() - started
+            state = evaluator.state()
+            save_checkpoint(algo, out, epoch=done + epoch, train_seconds=seconds, evaluator=state)
+    train_seconds = earlier + time.perf_counter() - started
     if evaluator.last is None:  # no periodic evaluation: save, then evaluate the final policy
         evaluator(algo)
-    return _write_result(config, dataset, description, out, train_seconds, evaluator, command)
+    result = _write_result(config, dataset, description, out, train_seconds, evaluator, command)
+    (out / CHECKPOINT).unlink(missing_ok=True)
+    return result
+
+
+def _run_folder(out_dir: Path, name: str) -> tuple[Path, Checkpoint | None]:
+    """The configuration's newest attempt and its checkpoint when it was killed after one (the
+    run goes on there), else a fresh folder."""
+    attempts = _attempts(out_dir, name)
+    if attempts and not (attempts[-1] / "result.json").is_file():
+        checkpoint = load_checkpoint(attempts[-1])
+        if checkpoint is not None:
+            return attempts[-1], checkpoint
+    return _new_run_dir(out_dir, name), None
 
 
 def _write_result(

@@ -1,0 +1,158 @@
+"""A run killed after an epoch goes on from its checkpoint and ends exactly as the uninterrupted
+run does: same weights and optimiser states, same logs (real d3rlpy, real MuJoCo)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import neorl_arrays
+
+import lmencoders.train as train_module
+from lmencoders.resume import CHECKPOINT
+from lmencoders.train import TrainConfig, run_name, train
+
+
+class Killed(Exception):
+    """The process dying (a session ending), at a chosen point."""
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "Hopper-v5-low-4-train.npz"
+    np.savez(path, **neorl_arrays(4, steps=20))
+    return path
+
+
+def config(data_file, out, **changes) -> TrainConfig:
+    settings = dict(
+        dataset=str(data_file),
+        encoder="vector",
+        steps=12,
+        eval_every=3,  # a kill after epoch 3 (step 9, odd) breaks TD3's actor-every-2nd-step
+        eval_episodes=2,
+        curve_episodes=1,
+        batch_size=16,
+        out_dir=str(out),
+        tensorboard=False,
+    )
+    return TrainConfig(**(settings | changes))
+
+
+def kill_at(monkeypatch, epoch: int, checkpoint_written: bool) -> None:
+    """Kill the run at the end of ``epoch``, after d3rlpy logged it, with or without its
+    checkpoint written."""
+    real = train_module.save_checkpoint
+
+    def dying(algo, folder, *, epoch: int, **state):
+        if checkpoint_written or epoch != kill_epoch:
+            real(algo, folder, epoch=epoch, **state)
+        if epoch == kill_epoch:
+            raise Killed
+
+    kill_epoch = epoch
+    monkeypatch.setattr(train_module, "save_checkpoint", dying)
+
+
+def weights(run) -> dict:
+    return torch.load(run / "model.pt", weights_only=True)
+
+
+def assert_same(a, b) -> None:
+    """Equal state dicts, tensors bit for bit (optimiser states included)."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def logs(run) -> dict[str, list[list[str]]]:
+    """d3rlpy's CSV logs; a timing's value differs between runs, so only its epoch and step."""
+    found = {}
+    for csv in sorted(run.glob("*.csv")):
+        rows = [line.split(",") for line in csv.read_text().splitlines()]
+        found[csv.name] = [row[:2] for row in rows] if csv.name.startswith("time_") else rows
+    return found
+
+
+@pytest.mark.parametrize("checkpoint_written", [True, False], ids=["after", "before"])
+@pytest.mark.parametrize("encoder", ["vector", "lm"])
+def test_a_killed_run_goes_on_and_ends_as_the_uninterrupted_run(
+    data_file, tmp_path, monkeypatch, tiny_lm, encoder, checkpoint_written
+):
+    lm = {"encoder": "lm", "model": tiny_lm} if encoder == "lm" else {}
+    whole = train(config(data_file, tmp_path / "whole", **lm))
+    whole_run = tmp_path / "whole" / whole["run"]
+
+    kill_at(monkeypatch, 3, checkpoint_written)
+    with pytest.raises(Killed):
+        train(config(data_file, tmp_path / "killed", **lm))
+    monkeypatch.undo()
+    run = tmp_path / "killed" / whole["run"]
+    assert (run / CHECKPOINT).is_file() and not (run / "result.json").exists()
+    if not checkpoint_written:  # epoch 3 logged, its checkpoint not: logs run ahead of it
+        assert max(int(row[0]) for row in logs(run)["environment.csv"]) == 3
+
+    continued = train(config(data_file, tmp_path / "killed", **lm))
+    assert continued["run"] == whole["run"]  # the same folder, not a fresh attempt
+    assert not (run / CHECKPOINT).exists()
+    assert continued["evaluation"] == whole["evaluation"]
+    assert_same(weights(run), weights(whole_run))
+    assert logs(run) == logs(whole_run)
+    steps = [int(row[1]) for row in logs(run)["environment.csv"]]
+    assert steps == [3, 6, 9, 12]
+    if encoder == "lm":  # the frozen LM stays out of every file the run writes
+        state = torch.load(whole_run / "model.pt", weights_only=True)
+        names = [key for module in state.values() for key in module if "lm." in key]
+        assert names == []
+
+
+def test_a_run_killed_in_its_final_evaluation_only_evaluates(data_file, tmp_path, monkeypatch):
+    """eval_every=0: one epoch, then the evaluation (the costly part with a live LM)."""
+    settings = dict(eval_every=0)
+    whole = train(config(data_file, tmp_path / "whole", **settings))
+
+    def broken(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(train_module, "_evaluation", broken)
+    with pytest.raises(Killed):
+        train(config(data_file, tmp_path / "killed", **settings))
+    monkeypatch.undo()
+    continued = train(config(data_file, tmp_path / "killed", **settings))
+    run, whole_run = tmp_path / "killed" / whole["run"], tmp_path / "whole" / whole["run"]
+    assert continued["evaluation"] == whole["evaluation"]
+    assert_same(weights(run), weights(whole_run))
+    assert logs(run) == logs(whole_run)  # one epoch's rows: no gradient step was taken again
+    assert len(logs(run)["critic_loss.csv"]) == 1
+
+
+def test_a_damaged_checkpoint_is_named_and_the_run_starts_afresh_beside_it(
+    data_file, tmp_path, monkeypatch
+):
+    kill_at(monkeypatch, 1, checkpoint_written=True)
+    with pytest.raises(Killed):
+        train(config(data_file, tmp_path))
+    monkeypatch.undo()
+    name = run_name(config(data_file, tmp_path))
+    damaged = tmp_path / name / CHECKPOINT
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    kept = damaged.read_bytes()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(config(data_file, tmp_path))
+    assert any(str(damaged) in str(w.message) for w in caught)
+    assert result["run"] == name + "-2"
+    assert damaged.read_bytes() == kept  # the damaged attempt is left as it was
+    assert json.loads((tmp_path / result["run"] / "result.json").read_text())["evaluation"]
