@@ -394,13 +394,9 @@ def train(config: TrainConfig, command: str | None = None) -> dict:
     algo, factory = _algorithm(config, description)
     out, checkpoint = _run_folder(Path(config.out_dir), run_name(config))
     per_epoch = config.eval_every or config.steps
-    done = checkpoint.epoch if checkpoint else 0
-    if checkpoint:
-        print(f"run folder: {out}, continued from step {done * per_epoch}", flush=True)
-    else:
-        print(f"run folder: {out}", flush=True)
-    started = time.perf_counter()
-    earlier = checkpoint.train_seconds if checkpoint else 0.0
+    continued = f", continued from step {checkpoint.epoch * per_epoch}" if checkpoint else ""
+    print(f"run folder: {out}{continued}", flush=True)
+    started = time.perf_counter() - (checkpoint.train_seconds if checkpoint else 0.0)
     if factory is not None and config.tuning == "frozen":
         factory.precompute(dataset.buffer, device=config.device)
     print(evaluation_cost(env_name, config.eval_episodes, config.encoder), flush=True)
@@ -413,7 +409,29 @@ def train(config: TrainConfig, command: str | None = None) -> dict:
         curve_episodes=config.curve_episodes,
         evaluations=config.steps // config.eval_every if config.eval_every else 1,
     )
-    batches = flat_sampling(dataset.buffer)  # d3rlpy's batches, gathered instead of picked
+    _fit(algo, flat_sampling(dataset.buffer), config, out, evaluator, checkpoint, started)
+    train_seconds = time.perf_counter() - started  # every attempt's, when continued
+    if evaluator.last is None:  # no periodic evaluation: save, then evaluate the final policy
+        evaluator(algo)
+    result = _write_result(config, dataset, description, out, train_seconds, evaluator, command)
+    (out / CHECKPOINT).unlink(missing_ok=True)
+    return result
+
+
+def _fit(
+    algo: Any,
+    batches: Any,
+    config: TrainConfig,
+    out: Path,
+    evaluator: ReturnEvaluator,
+    checkpoint: Checkpoint | None,
+    started: float,
+) -> None:
+    """d3rlpy's fit, epoch by epoch, from the checkpoint if there is one; a checkpoint after
+    each epoch (``started``: when the run began, by ``time.perf_counter``, earlier attempts
+    included)."""
+    per_epoch = config.eval_every or config.steps
+    done = checkpoint.epoch if checkpoint else 0
     files = AppendingFileAdapterFactory if checkpoint else d3rlpy.logging.FileAdapterFactory
     adapters: list = [files(root_dir=str(out.parent))]
     if config.tensorboard:
@@ -424,27 +442,22 @@ def train(config: TrainConfig, command: str | None = None) -> dict:
         evaluator.restore(checkpoint.evaluator)
         keep_logs_until(out, done)
         checkpoint.restore(algo)  # the random generators last: nothing may draw after it
-    if done * per_epoch < config.steps:
-        epochs = algo.fitter(
-            batches,
-            n_steps=config.steps - done * per_epoch,
-            n_steps_per_epoch=per_epoch,
-            experiment_name=out.name,
-            with_timestamp=False,
-            logger_adapter=ContinuedLogs(adapters, done, done * per_epoch),
-            evaluators={"environment": evaluator} if config.eval_every else None,
-            save_interval=10**9,
-        )
-        for epoch, _ in epochs:  # d3rlpy has logged the epoch: a checkpoint where it stands
-            seconds = earlier + time.perf_counter() - started
-            state = evaluator.state()
-            save_checkpoint(algo, out, epoch=done + epoch, train_seconds=seconds, evaluator=state)
-    train_seconds = earlier + time.perf_counter() - started
-    if evaluator.last is None:  # no periodic evaluation: save, then evaluate the final policy
-        evaluator(algo)
-    result = _write_result(config, dataset, description, out, train_seconds, evaluator, command)
-    (out / CHECKPOINT).unlink(missing_ok=True)
-    return result
+    if done * per_epoch == config.steps:  # killed after its last epoch: only evaluate, write
+        return
+    epochs = algo.fitter(
+        batches,
+        n_steps=config.steps - done * per_epoch,
+        n_steps_per_epoch=per_epoch,
+        experiment_name=out.name,
+        with_timestamp=False,
+        logger_adapter=ContinuedLogs(adapters, done, done * per_epoch),
+        evaluators={"environment": evaluator} if config.eval_every else None,
+        save_interval=10**9,
+    )
+    for epoch, _ in epochs:  # d3rlpy has logged the epoch: a checkpoint of where it stands
+        seconds = time.perf_counter() - started
+        state = evaluator.state()
+        save_checkpoint(algo, out, epoch=done + epoch, train_seconds=seconds, evaluator=state)
 
 
 def _run_folder(out_dir: Path, name: str) -> tuple[Path, Checkpoint | None]:
