@@ -207,3 +207,27 @@ def neorl_arrays(trajectories: int, steps: int = 25, seed: int = 0) -> dict[str,
     data["done"] = data["done"].astype(bool)
     data["index"] = np.asarray(starts[1:], np.float32)  # NeoRL drops the leading 0
     return data
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    """A small NeoRL-layout Hopper training file: 4 real rollouts of up to 20 steps."""
+    path = tmp_path_factory.mktemp("data") / "Hopper-v5-low-4-train.npz"
+    np.savez(path, **neorl_arrays(4, steps=20))
+    return path
+
+
+def quick_run(data_file: Path, out: Path, **changes):
+    """A few-step TD3+BC run's settings on ``data_file`` (no tensorboard), with ``changes``."""
+    from lmencoders.train import TrainConfig
+
+    settings = dict(
+        dataset=str(data_file),
+        encoder="vector",
+        steps=10,
+        eval_episodes=1,
+        batch_size=16,
+        out_dir=str(out),
+        tensorboard=False,
+    )
+    return TrainConfig(**(settings | changes))

@@ -6,40 +6,23 @@ from __future__ import annotations
 import json
 import warnings
 
-import numpy as np
 import pytest
 import torch
-from conftest import neorl_arrays
+from conftest import quick_run
 
 import lmencoders.train as train_module
 from lmencoders.resume import CHECKPOINT
-from lmencoders.train import TrainConfig, run_name, train
+from lmencoders.train import run_name, train
 
 
 class Killed(Exception):
     """The process dying (a session ending), at a chosen point."""
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "Hopper-v5-low-4-train.npz"
-    np.savez(path, **neorl_arrays(4, steps=20))
-    return path
-
-
-def config(data_file, out, **changes) -> TrainConfig:
-    settings = dict(
-        dataset=str(data_file),
-        encoder="vector",
-        steps=12,
-        eval_every=3,  # a kill after epoch 3 (step 9, odd) breaks TD3's actor-every-2nd-step
-        eval_episodes=2,
-        curve_episodes=1,
-        batch_size=16,
-        out_dir=str(out),
-        tensorboard=False,
-    )
-    return TrainConfig(**(settings | changes))
+def config(data_file, out, **changes):
+    # a kill after epoch 3 (step 9, odd) breaks TD3's actor-every-2nd-step if the step is lost
+    settings = dict(steps=12, eval_every=3, eval_episodes=2, curve_episodes=1)
+    return quick_run(data_file, out, **(settings | changes))
 
 
 def kill_at(monkeypatch, epoch: int, checkpoint_written: bool) -> None:

@@ -9,31 +9,13 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import neorl_arrays
+from conftest import neorl_arrays, quick_run
 
 from lmencoders.cli import main
 from lmencoders.saving import load_model
 from lmencoders.train import TrainConfig, evaluate, run_name, train
 
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "Hopper-v5-low-4-train.npz"
-    np.savez(path, **neorl_arrays(4, steps=20))
-    return path
-
-
-def config(data_file, out, **changes) -> TrainConfig:
-    settings = dict(
-        dataset=str(data_file),
-        encoder="vector",
-        steps=10,
-        eval_episodes=1,
-        batch_size=16,
-        out_dir=str(out),
-        tensorboard=False,
-    )
-    return TrainConfig(**(settings | changes))
+config = quick_run
 
 
 def snapshot(folder) -> dict[str, bytes]:
