@@ -11,11 +11,13 @@ uninterrupted run's bit for bit (tested). The file is read with ``weights_only=T
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import random
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from .files import atomic_write
 __all__ = [
     "CHECKPOINT",
     "Checkpoint",
+    "held",
     "save_checkpoint",
     "load_checkpoint",
     "keep_logs_until",
@@ -36,6 +39,7 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
+LOCK = "run.lock"  # empty; what is held is the open file
 
 
 @dataclasses.dataclass
@@ -101,6 +105,29 @@ def load_checkpoint(folder: Path) -> Checkpoint | None:
         message = f"{path}: not a readable checkpoint ({exc}); the run starts afresh"
         warnings.warn(message, stacklevel=2)
         return None
+
+
+@contextlib.contextmanager
+def held(folder: Path) -> Iterator[bool]:
+    """Hold ``folder`` for one process while the block runs; yields False where another
+    process holds it (two runs of the same settings at once must not continue one folder).
+    The operating system drops the hold when its process dies, so a killed run's folder is
+    free again. Where ``fcntl`` is missing (Windows), every folder is free."""
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    with open(folder / LOCK, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _rng_state() -> dict[str, Any]:

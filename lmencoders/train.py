@@ -16,6 +16,7 @@ import itertools
 import json
 import platform
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from .resume import (
     AppendingFileAdapterFactory,
     Checkpoint,
     ContinuedLogs,
+    held,
     keep_logs_until,
     load_checkpoint,
     save_checkpoint,
@@ -392,30 +394,30 @@ def train(config: TrainConfig, command: str | None = None) -> dict:
     dataset, env_name, description = training_data(config)
     d3rlpy.seed(config.seed)
     algo, factory = _algorithm(config, description)
-    out, checkpoint = _run_folder(Path(config.out_dir), run_name(config))
-    per_epoch = config.eval_every or config.steps
-    continued = f", continued from step {checkpoint.epoch * per_epoch}" if checkpoint else ""
-    print(f"run folder: {out}{continued}", flush=True)
-    started = time.perf_counter() - (checkpoint.train_seconds if checkpoint else 0.0)
-    if factory is not None and config.tuning == "frozen":
-        factory.precompute(dataset.buffer, device=config.device)
-    print(evaluation_cost(env_name, config.eval_episodes, config.encoder), flush=True)
-    evaluator = ReturnEvaluator(
-        env_name,
-        config.eval_episodes,
-        config.seed * 1000,
-        out,
-        every=config.eval_every,
-        curve_episodes=config.curve_episodes,
-        evaluations=config.steps // config.eval_every if config.eval_every else 1,
-    )
-    _fit(algo, flat_sampling(dataset.buffer), config, out, evaluator, checkpoint, started)
-    train_seconds = time.perf_counter() - started  # every attempt's, when continued
-    if evaluator.last is None:  # no periodic evaluation: save, then evaluate the final policy
-        evaluator(algo)
-    result = _write_result(config, dataset, description, out, train_seconds, evaluator, command)
-    (out / CHECKPOINT).unlink(missing_ok=True)
-    return result
+    with _run_folder(Path(config.out_dir), run_name(config)) as (out, checkpoint):
+        per_epoch = config.eval_every or config.steps
+        continued = f", continued from step {checkpoint.epoch * per_epoch}" if checkpoint else ""
+        print(f"run folder: {out}{continued}", flush=True)
+        started = time.perf_counter() - (checkpoint.train_seconds if checkpoint else 0.0)
+        if factory is not None and config.tuning == "frozen":
+            factory.precompute(dataset.buffer, device=config.device)
+        print(evaluation_cost(env_name, config.eval_episodes, config.encoder), flush=True)
+        evaluator = ReturnEvaluator(
+            env_name,
+            config.eval_episodes,
+            config.seed * 1000,
+            out,
+            every=config.eval_every,
+            curve_episodes=config.curve_episodes,
+            evaluations=config.steps // config.eval_every if config.eval_every else 1,
+        )
+        _fit(algo, flat_sampling(dataset.buffer), config, out, evaluator, checkpoint, started)
+        train_seconds = time.perf_counter() - started  # every attempt's, when continued
+        if evaluator.last is None:  # no periodic evaluation: save, then evaluate the final policy
+            evaluator(algo)
+        result = _write_result(config, dataset, description, out, train_seconds, evaluator, command)
+        (out / CHECKPOINT).unlink(missing_ok=True)
+        return result
 
 
 def _fit(
@@ -460,15 +462,21 @@ def _fit(
         save_checkpoint(algo, out, epoch=done + epoch, train_seconds=seconds, evaluator=state)
 
 
-def _run_folder(out_dir: Path, name: str) -> tuple[Path, Checkpoint | None]:
-    """The configuration's newest attempt and its checkpoint when it was killed after one (the
-    run goes on there), else a fresh folder."""
+@contextlib.contextmanager
+def _run_folder(out_dir: Path, name: str) -> Iterator[tuple[Path, Checkpoint | None]]:
+    """The configuration's newest attempt and its checkpoint when it was killed after one and
+    no other process is running it (the run goes on there), else a fresh folder; held by this
+    process until the block ends."""
     attempts = _attempts(out_dir, name)
     if attempts and not (attempts[-1] / "result.json").is_file():
-        checkpoint = load_checkpoint(attempts[-1])
-        if checkpoint is not None:
-            return attempts[-1], checkpoint
-    return _new_run_dir(out_dir, name), None
+        with held(attempts[-1]) as free:
+            checkpoint = load_checkpoint(attempts[-1]) if free else None
+            if checkpoint is not None:
+                yield attempts[-1], checkpoint
+                return
+    folder = _new_run_dir(out_dir, name)
+    with held(folder):
+        yield folder, None
 
 
 def _write_result(

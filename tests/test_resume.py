@@ -11,7 +11,7 @@ import torch
 from conftest import quick_run
 
 import lmencoders.train as train_module
-from lmencoders.resume import CHECKPOINT
+from lmencoders.resume import CHECKPOINT, held
 from lmencoders.train import run_name, train
 
 
@@ -141,3 +141,21 @@ def test_a_damaged_checkpoint_is_named_and_the_run_starts_afresh_beside_it(
     assert result["run"] == name + "-2"
     assert damaged.read_bytes() == kept  # the damaged attempt is left as it was
     assert json.loads((tmp_path / result["run"] / "result.json").read_text())["evaluation"]
+
+
+def test_a_run_being_continued_elsewhere_is_left_to_it(data_file, tmp_path, monkeypatch):
+    """Two runs of the same settings at once: the second does not write into the folder that
+    the first is continuing; it starts its own."""
+    kill_at(monkeypatch, 1, checkpoint_written=True)
+    with pytest.raises(Killed):
+        train(config(data_file, tmp_path))
+    monkeypatch.undo()
+    name = run_name(config(data_file, tmp_path))
+    busy = tmp_path / name
+    before = {p.name: p.read_bytes() for p in busy.iterdir()}
+    with held(busy) as free:  # as another process continuing it would
+        assert free
+        result = train(config(data_file, tmp_path))
+    assert result["run"] == name + "-2"
+    assert {p.name: p.read_bytes() for p in busy.iterdir()} == before
+    assert train(config(data_file, tmp_path))["run"] == name + "-3"  # finished newest: fresh
