@@ -14,10 +14,14 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .backbone import ALLOW_DOWNLOAD, DEFAULT_MODEL, PIECE_POOLING, POOLING_NAMES, PRECISIONS
 from .checks import optional_positive, positive
 from .options import add_options, from_args, option
+
+if TYPE_CHECKING:  # the CLI imports torch-heavy modules only in the command that needs them
+    from .experiments import ExperimentConfig
 
 
 @dataclasses.dataclass
@@ -257,6 +261,8 @@ def _experiment(args: argparse.Namespace) -> int:
     from .files import atomic_write
 
     config = from_args(ExperimentConfig, args)
+    if config.dry_run:
+        return _experiment_plan(config)
     log = Path(config.out_dir) / "experiment.json"
     history = json.loads(log.read_text()) if log.is_file() else []
     command = args.invocation
@@ -267,6 +273,19 @@ def _experiment(args: argparse.Namespace) -> int:
         f"runs done {counts['done']}, already finished {counts['skipped']}, "
         f"left for a later part {counts['left']}"
     )
+    return 0
+
+
+def _experiment_plan(config: ExperimentConfig) -> int:
+    """``experiment --dry-run``: where each run stands; nothing runs, nothing is logged."""
+    from .experiments import plan_experiment
+
+    counts = dict.fromkeys(["finished", "running", "to continue", "to start"], 0)
+    for dataset, method, seed, (state, step) in plan_experiment(config):
+        counts[state] += 1
+        where = f" (step {step})" if step else ""
+        print(f"{state}{where}: [{method}] {Path(dataset).name} seed {seed}")
+    print(", ".join(f"{state} {count}" for state, count in counts.items()))
     return 0
 
 

@@ -18,9 +18,24 @@ from .backbone import DEFAULT_MODEL, PIECE_POOLING
 from .checks import non_negative, optional_positive, positive
 from .errors import ConfigError
 from .options import option
-from .train import TrainConfig, finished_run, lm_factory, run_name, train, training_data
+from .train import (
+    TrainConfig,
+    finished_run,
+    lm_factory,
+    run_name,
+    run_state,
+    train,
+    training_data,
+)
 
-__all__ = ["METHODS", "PAPER_RESULTS", "ExperimentConfig", "grid_run_names", "run_experiment"]
+__all__ = [
+    "METHODS",
+    "PAPER_RESULTS",
+    "ExperimentConfig",
+    "grid_run_names",
+    "plan_experiment",
+    "run_experiment",
+]
 
 # The paper's columns, and ours: method -> (algorithm, encoder, tuning, pooling)
 METHODS: dict[str, tuple[str, str, str, str]] = {
@@ -95,6 +110,9 @@ class ExperimentConfig:
     device: str = option("cpu", "torch device")
     out_dir: str = option("experiments", "the experiment folder", flag="--out")
     time_budget: float | None = option(None, "seconds; no new run starts after it")
+    dry_run: bool = option(
+        False, "list each run as finished, running, to continue or to start; run none"
+    )
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -146,6 +164,17 @@ def grid_run_names(config: ExperimentConfig) -> set[str]:
         for method in config.methods
         for seed in config.seeds
     }
+
+
+def plan_experiment(config: ExperimentConfig) -> list[tuple[str, str, int, tuple[str, int]]]:
+    """Every run of the grid in the order :func:`run_experiment` takes them: (dataset, method,
+    seed, :func:`~lmencoders.train.run_state`)."""
+    return [
+        (dataset, method, seed, run_state(_train_config(config, dataset, method, seed)))
+        for dataset in config.datasets
+        for seed in config.seeds
+        for method in config.methods
+    ]
 
 
 def run_experiment(config: ExperimentConfig, command: str | None = None) -> dict[str, int]:

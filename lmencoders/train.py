@@ -53,6 +53,7 @@ __all__ = [
     "evaluate",
     "run_name",
     "finished_run",
+    "run_state",
 ]
 
 ALGORITHMS = {
@@ -200,6 +201,24 @@ def finished_run(out_dir: str | Path, name: str) -> Path | None:
     """The newest finished run (one with ``result.json``) of a configuration, if any."""
     done = [p for p in _attempts(Path(out_dir), name) if (p / "result.json").is_file()]
     return done[-1] if done else None
+
+
+def run_state(config: TrainConfig) -> tuple[str, int]:
+    """Where a run of ``config`` stands: ("finished", 0), ("running", step) when another
+    process holds its newest attempt, ("to continue", step) from that attempt's checkpoint,
+    or ("to start", 0)."""
+    out_dir, name = Path(config.out_dir), run_name(config)
+    if finished_run(out_dir, name) is not None:
+        return "finished", 0
+    attempts = _attempts(out_dir, name)
+    if not attempts:
+        return "to start", 0
+    with held(attempts[-1]) as free:
+        checkpoint = load_checkpoint(attempts[-1])
+    step = checkpoint.epoch * (config.eval_every or config.steps) if checkpoint else 0
+    if not free:
+        return "running", step
+    return ("to continue", step) if checkpoint else ("to start", 0)
 
 
 def _new_run_dir(out_dir: Path, name: str) -> Path:

@@ -9,6 +9,7 @@
 #     actions per state, ~1.5 s a step here beside two other runs, CQL 10 per state;
 #     scripts/device-baselines.sh runs those two on a lent GPU machine)
 #   scripts/evidence-grid.sh report          # RESULTS.md from every finished run
+#   scripts/evidence-grid.sh status          # per task: runs finished / to continue / to start
 #
 # collect, train and baselines take an optional collection SEED after TASK (default 0): a
 # second draw of the same protocol (its own SAC run and rollouts) in data/grid/<task>-seed<N>/,
@@ -30,6 +31,8 @@ suffix=""
 [[ $seed != 0 ]] && suffix=-seed$seed
 folder=data/grid/$task$suffix
 budget=(${LMENCODERS_BUDGET:+--time-budget "$LMENCODERS_BUDGET"})
+# LMENCODERS_DRY_RUN=1: list where each run of a train or baselines stage stands; run none
+budget+=(${LMENCODERS_DRY_RUN:+--dry-run})
 # LMENCODERS_SEEDS: a first pass over fewer seeds, e.g. "0 1 2", gives every dataset a result
 # before any has all five; the same command with the rest finishes the grid.
 seeds=${LMENCODERS_SEEDS:-0 1 2 3 4}
@@ -77,6 +80,13 @@ case "$stage" in
     nice -n 5 lmencoders experiment --datasets $(datasets) --out experiments/grid \
       --methods ${LMENCODERS_BASELINES:-BC CQL PLAS BCQ} --seeds 0 1 2 --steps 10000 --eval-every 5000 \
       --eval-episodes "${EPISODES[$task]}" "${budget[@]}"
+    ;;
+  status)
+    for each in Hopper-v5 Walker2d-v5 HalfCheetah-v5 finance; do
+      for part in train baselines; do
+        echo "$each $part: $(LMENCODERS_DRY_RUN=1 "$0" "$part" "$each" 2>/dev/null | tail -n 1)"
+      done
+    done
     ;;
   report)
     lmencoders report --out experiments/grid --results RESULTS.md --notes results/notes.md \

@@ -242,6 +242,11 @@ def test_experiment_runs_in_resumable_parts_and_reports(
         "--out",
         str(tmp_path / "exp"),
     ]
+    assert main(args + ["--dry-run"]) == 0  # where each run stands; nothing runs or is logged
+    listed = capsys.readouterr().out
+    assert "to start: [TD3+BC LM-No-Tune] Hopper-v5-low-3-train.npz seed 1" in listed
+    assert "finished 0, running 0, to continue 0, to start 4" in listed
+    assert not (tmp_path / "exp").exists()
     assert main(args + ["--time-budget", "0"]) == 0  # budget spent: nothing new starts
     assert "runs done 0, already finished 0, left for a later part 4" in capsys.readouterr().out
     assert main(args + ["--seeds", "0"]) == 0  # a first part

@@ -12,7 +12,7 @@ from conftest import quick_run
 
 import lmencoders.train as train_module
 from lmencoders.resume import CHECKPOINT, held
-from lmencoders.train import run_name, train
+from lmencoders.train import run_name, run_state, train
 
 
 class Killed(Exception):
@@ -159,3 +159,17 @@ def test_a_run_being_continued_elsewhere_is_left_to_it(data_file, tmp_path, monk
     assert result["run"] == name + "-2"
     assert {p.name: p.read_bytes() for p in busy.iterdir()} == before
     assert train(config(data_file, tmp_path))["run"] == name + "-3"  # finished newest: fresh
+
+
+def test_run_state_says_where_a_run_stands(data_file, tmp_path, monkeypatch):
+    settings = config(data_file, tmp_path)
+    assert run_state(settings) == ("to start", 0)
+    kill_at(monkeypatch, 2, checkpoint_written=True)
+    with pytest.raises(Killed):
+        train(settings)
+    monkeypatch.undo()
+    assert run_state(settings) == ("to continue", 6)
+    with held(tmp_path / run_name(settings)):
+        assert run_state(settings) == ("running", 6)
+    train(settings)
+    assert run_state(settings) == ("finished", 0)
