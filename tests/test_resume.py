@@ -103,6 +103,24 @@ def test_a_killed_run_goes_on_and_ends_as_the_uninterrupted_run(
     )  # a tuned LM's tensors go on; a frozen one's never
 
 
+@pytest.mark.parametrize("algo", ["bc", "plas", "bcq", "cql", "iql", "awac"])
+def test_every_algorithm_continues_exactly(data_file, tmp_path, monkeypatch, algo):
+    """PLAS's warm-up and the others' update schedules hang on the gradient step."""
+    whole = train(config(data_file, tmp_path / "whole", algo=algo))
+    kill_at(monkeypatch, 3, checkpoint_written=True)
+    with pytest.raises(Killed):
+        train(config(data_file, tmp_path / "killed", algo=algo))
+    monkeypatch.undo()
+    continued = train(config(data_file, tmp_path / "killed", algo=algo))
+    assert continued["evaluation"] == whole["evaluation"]
+    run, whole_run = tmp_path / "killed" / whole["run"], tmp_path / "whole" / whole["run"]
+    assert_same(weights(run), weights(whole_run))
+    # d3rlpy's gradient logs repeat a module's last gradient after it stops training (PLAS's
+    # VAE after its warm-up); a continued run starts without gradients, so those rows differ
+    losses = {name: rows for name, rows in logs(run).items() if not name.endswith("_grad.csv")}
+    assert losses == {n: r for n, r in logs(whole_run).items() if not n.endswith("_grad.csv")}
+
+
 def test_a_run_killed_in_its_final_evaluation_only_evaluates(data_file, tmp_path, monkeypatch):
     """eval_every=0: one epoch, then the evaluation (the costly part with a live LM)."""
     settings = dict(eval_every=0)
