@@ -36,6 +36,14 @@ budget+=(${LMENCODERS_DRY_RUN:+--dry-run})
 # LMENCODERS_SEEDS: a first pass over fewer seeds, e.g. "0 1 2", gives every dataset a result
 # before any has all five; the same command with the rest finishes the grid.
 seeds=${LMENCODERS_SEEDS:-0 1 2 3 4}
+# LMENCODERS_METHODS: the train stage's methods, comma-separated (one lane per method on a
+# bigger machine, scripts/device-grid.sh); LMENCODERS_DEVICE: their torch device;
+# LMENCODERS_CLI: how to call lmencoders ("python3 -m lmencoders" where it travels as source);
+# LMENCODERS_STEPS: fewer steps, only to try a script out (other runs: not the grid's)
+IFS=, read -ra methods <<< "${LMENCODERS_METHODS:-TD3+BC,TD3+BC LM-No-Tune,TD3+BC LM-Segments}"
+read -ra cli <<< "${LMENCODERS_CLI:-lmencoders}"
+budget+=(${LMENCODERS_DEVICE:+--device "$LMENCODERS_DEVICE"})
+steps=${LMENCODERS_STEPS:-30000}
 
 # Best SAC return to stop at (issue 11 asks for >= 2,000 / 2,500 / 5,000 on the MuJoCo tasks).
 declare -A STOP=([Hopper-v5]=3000 [Walker2d-v5]=3000 [HalfCheetah-v5]=6000 [finance]=100000)
@@ -71,13 +79,13 @@ case "$stage" in
       --train 99 --val 10 --seed "$seed" "${extra[@]}"
     ;;
   train)
-    nice -n 5 lmencoders experiment --datasets $(datasets) --out experiments/grid \
-      --methods TD3+BC "TD3+BC LM-No-Tune" "TD3+BC LM-Segments" --seeds $seeds \
-      --steps 30000 --eval-every 10000 --eval-episodes "${EPISODES[$task]}" \
+    nice -n 5 "${cli[@]}" experiment --datasets $(datasets) --out experiments/grid \
+      --methods "${methods[@]}" --seeds $seeds \
+      --steps "$steps" --eval-every $((steps / 3)) --eval-episodes "${EPISODES[$task]}" \
       --curve-episodes "${CURVE[$task]}" "${budget[@]}"
     ;;
   baselines)
-    nice -n 5 lmencoders experiment --datasets $(datasets) --out experiments/grid \
+    nice -n 5 "${cli[@]}" experiment --datasets $(datasets) --out experiments/grid \
       --methods ${LMENCODERS_BASELINES:-BC CQL PLAS BCQ} --seeds 0 1 2 --steps 10000 --eval-every 5000 \
       --eval-episodes "${EPISODES[$task]}" "${budget[@]}"
     ;;

