@@ -164,10 +164,12 @@ def _precompute(args: argparse.Namespace) -> int:
         torch.distributed.destroy_process_group()
         if rank != 0:
             return 0
-    rate = report.unique / report.seconds if report.source == "computed" else float("nan")
+    rate = ""  # a rate of reading the cache file would say nothing about the LM
+    if report.source == "computed":
+        rate = f" ({report.unique / max(report.seconds, 1e-9):.1f} distinct obs/s)"
     print(
         f"{report.observations} observations, {report.unique} distinct: {report.source} in "
-        f"{report.seconds:.1f} s ({rate:.1f} distinct obs/s)\ncache: {report.path}"
+        f"{report.seconds:.1f} s{rate}\ncache: {report.path}"
     )
     return 0
 
