@@ -3,10 +3,10 @@
 A grid on a CPU runs for days, in sessions that end when they end; a frozen-LM run killed at
 90% must not start again from step 0. After every epoch (every evaluation) the run folder gets
 ``checkpoint.pt``: each module's and optimiser's state, the gradient step, the random
-generators' states and the learning curve so far. A rerun of the same settings finds the
-unfinished folder and continues it: same batches, same noise, so the result is the
-uninterrupted run's bit for bit (tested). The file is read with ``weights_only=True``, like
-``model.pt``, and removed when the run has its result.
+generators' states and the evaluator's progress (the curve itself is in d3rlpy's logs). A
+rerun of the same settings finds the unfinished folder and continues it: same batches, same
+noise, so the result is the uninterrupted run's bit for bit (tested). The file is read with
+``weights_only=True``, like ``model.pt``, and removed when the run has its result.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from d3rlpy.logging import FileAdapter, FileAdapterFactory, LoggerAdapter, LoggerAdapterFactory
 
+from .errors import ModelMismatchError
 from .files import atomic_write
 
 __all__ = [
@@ -49,13 +50,20 @@ class Checkpoint:
     epoch: int  # epochs done
     grad_step: int
     train_seconds: float  # spent so far, over every attempt
-    evaluator: dict[str, Any]  # the evaluator's learning curve so far
+    evaluator: dict[str, Any]  # evaluations done, their seconds, the last one
     modules: dict[str, Any]  # every module's and optimiser's state dict
     rng: dict[str, Any]
+    path: Path
 
     def restore(self, algo: Any) -> None:
         """Put ``algo`` (built, same settings) and the random generators where the run was."""
         modules = algo.impl.modules.create_checkpointer(algo.impl.device).modules
+        missing = sorted(set(modules) - set(self.modules))
+        if missing:
+            raise ModelMismatchError(
+                f"{self.path}: no state for {missing}; it was written by other code or settings "
+                "(delete it, and the run starts afresh)"
+            )
         for name, module in modules.items():
             module.load_state_dict(self.modules[name])
         algo._grad_step = self.grad_step  # d3rlpy 2.8 keeps the update count here
@@ -100,6 +108,7 @@ def load_checkpoint(folder: Path) -> Checkpoint | None:
             evaluator=run["evaluator"],
             modules=state["modules"],
             rng=state["rng"],
+            path=path,
         )
     except Exception as exc:  # a damaged file: say so, and lose nothing by not using it
         message = f"{path}: not a readable checkpoint ({exc}); the run starts afresh"

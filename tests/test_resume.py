@@ -191,3 +191,33 @@ def test_run_state_says_where_a_run_stands(data_file, tmp_path, monkeypatch):
         assert run_state(settings) == ("running", 6)
     train(settings)
     assert run_state(settings) == ("finished", 0)
+
+
+def test_a_checkpoint_of_other_networks_is_refused_with_its_path(data_file, tmp_path, monkeypatch):
+    from lmencoders.errors import ModelMismatchError
+    from lmencoders.resume import load_checkpoint
+
+    kill_at(monkeypatch, 1, checkpoint_written=True)
+    with pytest.raises(Killed):
+        train(config(data_file, tmp_path))
+    monkeypatch.undo()
+    folder = tmp_path / run_name(config(data_file, tmp_path))
+    checkpoint = load_checkpoint(folder)
+    del checkpoint.modules["policy"]
+    torch.save(
+        {
+            "modules": checkpoint.modules,
+            "rng": checkpoint.rng,
+            "run": json.dumps(
+                {
+                    "epoch": 1,
+                    "grad_step": 3,
+                    "train_seconds": 1.0,
+                    "evaluator": checkpoint.evaluator,
+                }
+            ),
+        },
+        folder / CHECKPOINT,
+    )
+    with pytest.raises(ModelMismatchError, match=rf"{CHECKPOINT}: no state for \['policy'\]"):
+        train(config(data_file, tmp_path))
