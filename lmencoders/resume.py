@@ -117,14 +117,18 @@ def load_checkpoint(folder: Path) -> Checkpoint | None:
 
 
 @contextlib.contextmanager
-def held(folder: Path) -> Iterator[bool]:
+def held(folder: Path, *, look_only: bool = False) -> Iterator[bool]:
     """Hold ``folder`` for one process while the block runs; yields False where another
     process holds it (two runs of the same settings at once must not continue one folder).
     The operating system drops the hold when its process dies, so a killed run's folder is
-    free again. Where ``fcntl`` is missing (Windows), every folder is free."""
+    free again. Where ``fcntl`` is missing (Windows), every folder is free. ``look_only``:
+    write nothing (a folder no process ever held is free)."""
     try:
         import fcntl
     except ImportError:
+        yield True
+        return
+    if look_only and not (folder / LOCK).exists():
         yield True
         return
     with open(folder / LOCK, "a") as handle:

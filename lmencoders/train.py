@@ -213,7 +213,7 @@ def run_state(config: TrainConfig) -> tuple[str, int]:
     attempts = _attempts(out_dir, name)
     if not attempts:
         return "to start", 0
-    with held(attempts[-1]) as free:
+    with held(attempts[-1], look_only=True) as free:
         checkpoint = load_checkpoint(attempts[-1])
     step = checkpoint.epoch * (config.eval_every or config.steps) if checkpoint else 0
     if not free:

@@ -186,8 +186,11 @@ def test_run_state_says_where_a_run_stands(data_file, tmp_path, monkeypatch):
     with pytest.raises(Killed):
         train(settings)
     monkeypatch.undo()
+    folder = tmp_path / run_name(settings)
+    (folder / "run.lock").unlink()  # as in a folder of a run from before holds existed
     assert run_state(settings) == ("to continue", 6)
-    with held(tmp_path / run_name(settings)):
+    assert not (folder / "run.lock").exists()  # looking writes nothing
+    with held(folder):
         assert run_state(settings) == ("running", 6)
     train(settings)
     assert run_state(settings) == ("finished", 0)
