@@ -166,14 +166,23 @@ def grid_run_names(config: ExperimentConfig) -> set[str]:
     }
 
 
+def _grid(config: ExperimentConfig) -> list[tuple[str, int, str]]:
+    """(dataset, seed, method) of every run, in the order they run: a dataset's seeds one after
+    another, every method of a seed before the next seed."""
+    return [
+        (dataset, seed, method)
+        for dataset in config.datasets
+        for seed in config.seeds
+        for method in config.methods
+    ]
+
+
 def plan_experiment(config: ExperimentConfig) -> list[tuple[str, str, int, tuple[str, int]]]:
     """Every run of the grid in the order :func:`run_experiment` takes them: (dataset, method,
     seed, :func:`~lmencoders.train.run_state`)."""
     return [
         (dataset, method, seed, run_state(_train_config(config, dataset, method, seed)))
-        for dataset in config.datasets
-        for seed in config.seeds
-        for method in config.methods
+        for dataset, seed, method in _grid(config)
     ]
 
 
@@ -183,14 +192,8 @@ def run_experiment(config: ExperimentConfig, command: str | None = None) -> dict
     started = time.perf_counter()
     counts = {"done": 0, "skipped": 0, "left": 0}
     runs = Path(config.out_dir) / "runs"
-    grid = [
-        (dataset, seed, method)
-        for dataset in config.datasets
-        for seed in config.seeds
-        for method in config.methods
-    ]
     prepared: set[str] = set()
-    bar = tqdm(grid, desc="experiment", unit="run")
+    bar = tqdm(_grid(config), desc="experiment", unit="run")
     for dataset, seed, method in bar:
         train_config = _train_config(config, dataset, method, seed)
         if finished_run(runs, run_name(train_config)) is not None:
