@@ -224,3 +224,15 @@ def test_a_checkpoint_of_other_networks_is_refused_with_its_path(data_file, tmp_
     )
     with pytest.raises(ModelMismatchError, match=rf"{CHECKPOINT}: no state for \['policy'\]"):
         train(config(data_file, tmp_path))
+
+
+def test_a_run_with_tensorboard_logs_continues(data_file, tmp_path, monkeypatch):
+    """`lmencoders train` writes tensorboard logs by default; they go on with the run."""
+    kill_at(monkeypatch, 1, checkpoint_written=True)
+    with pytest.raises(Killed):
+        train(config(data_file, tmp_path, tensorboard=True))
+    monkeypatch.undo()
+    result = train(config(data_file, tmp_path, tensorboard=True))
+    assert result["run"] == run_name(config(data_file, tmp_path))
+    events = (tmp_path / "tensorboard" / "runs" / result["run"]).glob("events.*")
+    assert len(list(events)) == 2  # one per attempt; tensorboard reads them as one run
