@@ -4,6 +4,7 @@ run does: same weights and optimiser states, same logs (real d3rlpy, real MuJoCo
 from __future__ import annotations
 
 import json
+import time
 import warnings
 
 import pytest
@@ -232,7 +233,9 @@ def test_a_run_with_tensorboard_logs_continues(data_file, tmp_path, monkeypatch)
     with pytest.raises(Killed):
         train(config(data_file, tmp_path, tensorboard=True))
     monkeypatch.undo()
+    events = tmp_path / "tensorboard" / "runs" / run_name(config(data_file, tmp_path))
+    before = set(events.glob("events.*"))
+    time.sleep(1.1)  # an events file is named by the second it was opened in
     result = train(config(data_file, tmp_path, tensorboard=True))
-    assert result["run"] == run_name(config(data_file, tmp_path))
-    events = (tmp_path / "tensorboard" / "runs" / result["run"]).glob("events.*")
-    assert len(list(events)) == 2  # one per attempt; tensorboard reads them as one run
+    assert result["run"] == events.name
+    assert before and set(events.glob("events.*")) > before  # the earlier attempt's stay
