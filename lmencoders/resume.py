@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from d3rlpy.logging import FileAdapter, FileAdapterFactory, LoggerAdapter, LoggerAdapterFactory
 
-from .errors import ModelMismatchError
 from .files import atomic_write
+from .saving import load_states, module_states
 
 __all__ = [
     "CHECKPOINT",
@@ -57,15 +57,8 @@ class Checkpoint:
 
     def restore(self, algo: Any) -> None:
         """Put ``algo`` (built, same settings) and the random generators where the run was."""
-        modules = algo.impl.modules.create_checkpointer(algo.impl.device).modules
-        missing = sorted(set(modules) - set(self.modules))
-        if missing:
-            raise ModelMismatchError(
-                f"{self.path}: no state for {missing}; it was written by other code or settings "
-                "(delete it, and the run starts afresh)"
-            )
-        for name, module in modules.items():
-            module.load_state_dict(self.modules[name])
+        why = "; it was written by other code or settings (delete it, and the run starts afresh)"
+        load_states(algo, self.modules, self.path, why)
         algo._grad_step = self.grad_step  # d3rlpy 2.8 keeps the update count here
         _set_rng(self.rng)
 
@@ -74,9 +67,8 @@ def save_checkpoint(
     algo: Any, folder: Path, *, epoch: int, train_seconds: float, evaluator: dict[str, Any]
 ) -> None:
     """Write ``folder/checkpoint.pt`` atomically (a kill while writing keeps the last one)."""
-    modules = algo.impl.modules.create_checkpointer(algo.impl.device).modules
     state = {
-        "modules": {name: module.state_dict() for name, module in modules.items()},
+        "modules": module_states(algo),
         "rng": _rng_state(),
         "run": json.dumps(
             {

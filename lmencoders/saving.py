@@ -14,7 +14,7 @@ import io
 import json
 import pickle
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -92,12 +92,23 @@ def load_model(
         raise UnsafeFileError(
             f"{weights_file}: holds more than tensors, so it was not loaded ({detail})"
         ) from None
+    load_states(algo, state, weights_file, f" named in {config_file.name}")
+    return algo
+
+
+def module_states(algo: LearnableBase) -> dict[str, Any]:
+    """Every module's and optimiser's state dict, by d3rlpy's names (what ``model.pt`` and a
+    run's checkpoint hold)."""
+    modules = algo.impl.modules.create_checkpointer(algo.impl.device).modules
+    return {name: module.state_dict() for name, module in modules.items()}
+
+
+def load_states(algo: LearnableBase, state: dict[str, Any], source: Path, why: str = "") -> None:
+    """Load :func:`module_states` from ``source`` back into a built ``algo``; where some are
+    missing, a :class:`ModelMismatchError` that names them, ``source`` and ``why``."""
     modules = algo.impl.modules.create_checkpointer(algo.impl.device).modules
     missing = sorted(set(modules) - set(state))
     if missing:
-        raise ModelMismatchError(
-            f"{weights_file}: no weights for {missing} named in {config_file.name}"
-        )
+        raise ModelMismatchError(f"{source}: no state for {missing}{why}")
     for name, module in modules.items():
         module.load_state_dict(state[name])
-    return algo
