@@ -128,6 +128,9 @@ class ReportConfig:
     sections_only: bool = option(
         False, "only refresh the --sections blocks of the existing RESULTS.md; read no runs"
     )
+    ledger: str | None = option(
+        None, "a folder (commit it) that keeps every finished run's record; reports all of them"
+    )
 
 
 def _precompute(args: argparse.Namespace) -> int:
@@ -344,7 +347,7 @@ def _report(args: argparse.Namespace) -> int:
         print(f"refreshed {len(config.sections)} section(s) of {results}")
         return 0
     notes = Path(config.notes).read_text() if config.notes else ""
-    print(write_results(config.out, config.results, notes, config.sections))
+    print(write_results(config.out, config.results, notes, config.sections, config.ledger))
     return 0
 
 

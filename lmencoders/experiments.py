@@ -9,6 +9,7 @@ turns the run folders into tables and plots.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from tqdm.auto import tqdm
 
 from .backbone import DEFAULT_MODEL, PIECE_POOLING
 from .checks import non_negative, optional_positive, positive
+from .datasets import file_md5
 from .errors import ConfigError
+from .ledger import Ledger, run_record
 from .options import option
 from .train import (
     TrainConfig,
@@ -113,6 +116,10 @@ class ExperimentConfig:
     dry_run: bool = option(
         False, "list each run as finished, running, to continue or to start; run none"
     )
+    ledger: str | None = option(
+        None, "a folder (commit it) that keeps each finished run's record; a run recorded "
+        "there from the same dataset file is finished, even when its folder is gone"
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -177,13 +184,44 @@ def _grid(config: ExperimentConfig) -> list[tuple[str, int, str]]:
     ]
 
 
+def _dataset_md5(path: str) -> str | None:
+    return file_md5(Path(path)) if Path(path).is_file() else None
+
+
+def _finished(config: ExperimentConfig, train_config: TrainConfig, md5s: dict) -> bool:
+    """Whether the run is finished: its folder has a result, or the ledger holds its record
+    made from the dataset file that is here (a record of another draw is not this run)."""
+    runs, name = Path(config.out_dir) / "runs", run_name(train_config)
+    folder = finished_run(runs, name)
+    if config.ledger is None:
+        return folder is not None
+    ledger = Ledger(config.ledger)
+    if folder is not None:
+        ledger.add(run_record(folder, json.loads((folder / "result.json").read_text())))
+        return True
+    record = ledger.get(name)
+    if record is None:
+        return False
+    dataset = train_config.dataset_source
+    if dataset not in md5s:
+        md5s[dataset] = _dataset_md5(dataset)
+    return None in (record.get("dataset_md5"), md5s[dataset]) or (
+        record["dataset_md5"] == md5s[dataset]
+    )
+
+
 def plan_experiment(config: ExperimentConfig) -> list[tuple[str, str, int, tuple[str, int]]]:
     """Every run of the grid in the order :func:`run_experiment` takes them: (dataset, method,
     seed, :func:`~lmencoders.train.run_state`)."""
-    return [
-        (dataset, method, seed, run_state(_train_config(config, dataset, method, seed)))
-        for dataset, seed, method in _grid(config)
-    ]
+    md5s: dict[str, str | None] = {}
+    plan = []
+    for dataset, seed, method in _grid(config):
+        train_config = _train_config(config, dataset, method, seed)
+        recorded = config.ledger is not None and _finished(config, train_config, md5s)
+        plan.append(
+            (dataset, method, seed, ("finished", 0) if recorded else run_state(train_config))
+        )
+    return plan
 
 
 def run_experiment(config: ExperimentConfig, command: str | None = None) -> dict[str, int]:
@@ -191,12 +229,12 @@ def run_experiment(config: ExperimentConfig, command: str | None = None) -> dict
     ``command``, the shell command that asked for them, is recorded in each run's result."""
     started = time.perf_counter()
     counts = {"done": 0, "skipped": 0, "left": 0}
-    runs = Path(config.out_dir) / "runs"
+    md5s: dict[str, str | None] = {}
     prepared: set[str] = set()
     bar = tqdm(_grid(config), desc="experiment", unit="run")
     for dataset, seed, method in bar:
         train_config = _train_config(config, dataset, method, seed)
-        if finished_run(runs, run_name(train_config)) is not None:
+        if _finished(config, train_config, md5s):
             counts["skipped"] += 1
             continue
         over = time.perf_counter() - started > (config.time_budget or 0)
@@ -210,6 +248,10 @@ def run_experiment(config: ExperimentConfig, command: str | None = None) -> dict
             _precompute_together(config, dataset, _pending_methods(config, dataset))
         bar.write(f"[{method}] {Path(dataset).name} seed {seed}")
         result = train(train_config, command)
+        if config.ledger is not None:
+            Ledger(config.ledger).add(
+                run_record(Path(train_config.out_dir) / result["run"], result)
+            )
         evaluation = result["evaluation"]
         bar.write(f"  return {evaluation['mean_return']:.1f} in {result['train_seconds']:.0f} s")
         counts["done"] += 1
@@ -218,12 +260,12 @@ def run_experiment(config: ExperimentConfig, command: str | None = None) -> dict
 
 def _pending_methods(config: ExperimentConfig, dataset: str) -> set[str]:
     """The methods with an unfinished run on ``dataset``."""
-    runs = Path(config.out_dir) / "runs"
+    md5s: dict[str, str | None] = {}
     return {
         method
         for method in config.methods
         for seed in config.seeds
-        if finished_run(runs, run_name(_train_config(config, dataset, method, seed))) is None
+        if not _finished(config, _train_config(config, dataset, method, seed), md5s)
     }
 
 

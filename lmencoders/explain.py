@@ -33,6 +33,17 @@ class Explanation:
     weights: dict[str, np.ndarray]  # "actor" / "critic" -> (pieces,) mean weight per piece
     observations: int
 
+    def to_record(self) -> dict:
+        """Plain JSON values (a run's ledger record keeps its explanation)."""
+        return dataclasses.asdict(self) | {
+            "weights": {part: [float(w) for w in ws] for part, ws in self.weights.items()}
+        }
+
+    @classmethod
+    def from_record(cls, record: dict) -> Explanation:
+        weights = {part: np.asarray(ws, dtype=np.float64) for part, ws in record["weights"].items()}
+        return cls(**(record | {"weights": weights}))
+
 
 def _lm_features(module: torch.nn.Module) -> TextFeatures:
     features = getattr(getattr(module, "_encoder", None), "features", None)

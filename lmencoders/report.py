@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import shlex
 import shutil
@@ -18,6 +17,7 @@ import numpy as np
 from .datasets import file_md5
 from .errors import ConfigError, LMEncodersError
 from .experiments import METHODS, PAPER_RESULTS, ExperimentConfig, grid_run_names
+from .ledger import Ledger, configuration_of, relative_to_here, run_record
 from .sections import ANCHOR, place_sections
 from .statistics import curve_band
 
@@ -34,30 +34,13 @@ def _method_of(result: dict) -> str:
     return f"{c['algo']}-{c['encoder']}-{c['tuning']}"
 
 
-def _learning_curve(run_dir: Path) -> list[tuple[int, float]]:
-    path = run_dir / "environment.csv"
-    if not path.is_file():
-        return []
-    with open(path) as f:
-        return [(int(row[1]), float(row[2])) for row in csv.reader(f) if len(row) >= 3]
-
-
-_ATTEMPT = re.compile(r"^(?P<base>.+-[0-9a-f]{8})(?:-(?P<attempt>\d+))?$")
-
-
-def _configuration(run_folder: str) -> tuple[str, int]:
-    """A run folder's configuration name and attempt (``name``: 1, ``name-2``: 2...)."""
-    match = _ATTEMPT.match(run_folder)
-    return (match["base"], int(match["attempt"] or 1)) if match else (run_folder, 1)
-
-
 def _finished_runs(out: Path) -> list[tuple[Path, dict]]:
     """Every finished run (a folder with ``result.json``) with its record; of a configuration
     run more than once (``name``, ``name-2``...), only the newest counts, so a rerun never
     enters the statistics as an extra seed."""
     newest: dict[str, tuple[int, Path]] = {}
     for path in sorted((out / "runs").glob("*/result.json")):
-        base, attempt = _configuration(path.parent.name)
+        base, attempt = configuration_of(path.parent.name)
         if base not in newest or attempt > newest[base][0]:
             newest[base] = (attempt, path)
     return [
@@ -66,10 +49,45 @@ def _finished_runs(out: Path) -> list[tuple[Path, dict]]:
     ]
 
 
+def _records(out: Path, ledger: Ledger | None) -> tuple[list[tuple[Path, dict]], list[dict]]:
+    """The runs to report, each as (its folder under ``out``, which may be gone, and its
+    record), and the records left out because the dataset file here is not the one the run
+    learned from (another draw). With a ledger, the finished run folders' records go into it
+    first and the report reads the whole ledger."""
+    records = [run_record(folder, result) for folder, result in _finished_runs(out)]
+    if ledger is not None:
+        for record in records:
+            ledger.add(record)
+        records = ledger.records()
+    here: dict[str, str | None] = {}
+    kept, other_draw = [], []
+    for record in records:
+        path = record["config"]["dataset"]
+        if path not in here:
+            here[path] = file_md5(Path(path)) if Path(path).is_file() else None
+        learned_from = record.get("dataset_md5")
+        if learned_from and here[path] and learned_from != here[path]:
+            other_draw.append(record)
+        else:
+            kept.append((out / "runs" / record["run"], record))
+    return kept, other_draw
+
+
+def _left_out(other_draw: list[dict]) -> str:
+    if not other_draw:
+        return ""
+    files = sorted({Path(r["config"]["dataset"]).name for r in other_draw})
+    return (
+        f"Left out: {len(other_draw)} recorded runs that learned from another draw of "
+        f"{', '.join(f'`{f}`' for f in files)} than the file here (their records keep the md5 "
+        "of theirs).\n\n"
+    )
+
+
 def _tables(out: Path, runs: list[tuple[Path, dict]]) -> str:
     """Write ``results.csv`` and the learning curves; return the Markdown tables."""
     rows = []
-    for run_dir, result in runs:
+    for _, result in runs:
         evaluation = result["evaluation"]
         rows.append(
             {
@@ -89,11 +107,9 @@ def _tables(out: Path, runs: list[tuple[Path, dict]]) -> str:
                 # runs written before these were recorded have neither
                 "evaluation_seconds": result.get("evaluation_seconds"),
                 "hardware": result.get("hardware", "not recorded"),
-                "run": run_dir.name,
+                "run": result["run"],
             }
         )
-    if not rows:
-        raise FileNotFoundError(f"no finished runs under {out / 'runs'}")
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -124,7 +140,7 @@ def _tables(out: Path, runs: list[tuple[Path, dict]]) -> str:
                 f"{_run_minutes(group)} | {_values(group, 'hardware')} |"
             )
     _remove_pictures(out)
-    _plot_curves(out, rows)
+    _plot_curves(out, rows, {result["run"]: result.get("curve", []) for _, result in runs})
     summary = _summary(groups, datasets, methods) + "\n\nEvery cell:\n\n" + "\n".join(lines)
     return summary + "\n\n" + _statistics(out, rows, methods)
 
@@ -280,21 +296,22 @@ def _remove_pictures(folder: Path) -> None:
             picture.unlink()
 
 
-def _plot_curves(out: Path, rows: list[dict]) -> None:
+def _plot_curves(out: Path, rows: list[dict], curves_of: dict[str, list]) -> None:
+    """One picture per dataset with a learning curve: mean over seeds and a bootstrap band
+    per method (runs recorded without their curve are not in it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for dataset in sorted({r["dataset"] for r in rows}):
+    for dataset in sorted({r["dataset"] for r in rows if curves_of.get(r["run"])}):
         figure, axis = plt.subplots(figsize=(7, 4.5))
         for method in METHODS:
             curves = [
-                _learning_curve(out / "runs" / r["run"])
+                curves_of[r["run"]]
                 for r in rows
-                if r["dataset"] == dataset and r["method"] == method
+                if r["dataset"] == dataset and r["method"] == method and curves_of.get(r["run"])
             ]
-            curves = [c for c in curves if c]
             if not curves:
                 continue
             length = min(len(c) for c in curves)
@@ -334,44 +351,55 @@ def _paper_table() -> str:
     return "\n".join(lines)
 
 
-def _provenance(runs: list[tuple[Path, dict]]) -> str:
-    """Where each dataset of the runs came from, read from the collector's ``collect.json``
-    beside the file (NeoRL's own files have none)."""
-    files = {}
-    for _, result in runs:
-        path = Path(result["config"]["dataset"])
-        files[path.name] = path
+def _provenance(runs: list[tuple[Path, dict]], ledger: Ledger | None) -> str:
+    """Where each dataset of the runs came from: the collector's ``collect.json`` beside the
+    file (NeoRL's own files have none), else what the ledger kept of it."""
+    files = {Path(r["config"]["dataset"]).name: Path(r["config"]["dataset"]) for _, r in runs}
+    kept = ledger.datasets() if ledger is not None else {}
+    found = {}
     lines = []
     for name, path in sorted(files.items()):
-        record_file = path.parent / "collect.json"
-        record = json.loads(record_file.read_text()) if record_file.is_file() else {}
-        made = record.get("datasets", {}).get(name)
-        if made is None:
+        entry = _collected(path) or kept.get(name)
+        if entry is None:
             lines.append(f"- `{name}`: no collector record beside it")
             continue
-        best = max(c["return"] for c in record["sac_checkpoints"])
-        md5 = file_md5(path) if path.is_file() else "file not found"
+        if path.is_file():
+            found[name] = entry
         lines.append(
-            f"- `{name}` (md5 {md5}): `{_relative_to_here(record['command'])}`; "
-            f"best SAC return {best:.1f}, {made['level']} "
-            f"policy from SAC step {made['policy_step']}; {made['trajectories']} trajectories, "
-            f"return {made['mean_return']:.1f} +- {made['std_return']:.1f}"
+            f"- `{name}` (md5 {entry['md5']}): `{entry['command']}`; "
+            f"best SAC return {entry['best_sac_return']:.1f}, {entry['level']} "
+            f"policy from SAC step {entry['policy_step']}; {entry['trajectories']} trajectories, "
+            f"return {entry['mean_return']:.1f} +- {entry['std_return']:.1f}"
         )
+    if ledger is not None:
+        ledger.add_datasets(found)
     return "\n".join(lines)
 
 
-def _relative_to_here(command: str) -> str:
-    """A recorded command with the paths under the working directory (the repository, when
-    the report is written there) made relative, so RESULTS.md names no machine's folders."""
-    here = str(Path.cwd().resolve()) + os.sep
-    return " ".join(shlex.quote(word.removeprefix(here)) for word in shlex.split(command))
+def _collected(path: Path) -> dict | None:
+    """What ``collect.json`` beside a dataset file says of it, with the file's md5."""
+    record_file = path.parent / "collect.json"
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    made = record.get("datasets", {}).get(path.name)
+    if made is None or not path.is_file():
+        return None
+    return {
+        "md5": file_md5(path),
+        "command": relative_to_here(record["command"]),
+        "best_sac_return": max(c["return"] for c in record["sac_checkpoints"]),
+        "level": made["level"],
+        "policy_step": made["policy_step"],
+        "trajectories": made["trajectories"],
+        "mean_return": made["mean_return"],
+        "std_return": made["std_return"],
+    }
 
 
 def _commands(out: Path, runs: list[tuple[Path, dict]]) -> list[str]:
     """The commands that made the finished runs, each once, as the runs recorded them (a run
     made on another machine brings its own). Older runs, which did not record theirs, fall back
     on the logged ``lmencoders experiment`` calls (``experiment.json``) whose grid holds them."""
-    unrecorded = {_configuration(d.name)[0] for d, result in runs if not result.get("command")}
+    unrecorded = {configuration_of(d.name)[0] for d, result in runs if not result.get("command")}
     log = out / "experiment.json"
     logged = []
     for entry in json.loads(log.read_text()) if unrecorded and log.is_file() else []:
@@ -382,7 +410,7 @@ def _commands(out: Path, runs: list[tuple[Path, dict]]) -> list[str]:
         if holds_one:
             logged.append(entry["command"])
     own = [result["command"] for _, result in runs if result.get("command")]
-    return list(dict.fromkeys(_whole_grid(_relative_to_here(c)) for c in logged + own))
+    return list(dict.fromkeys(_whole_grid(relative_to_here(c)) for c in logged + own))
 
 
 def _whole_grid(command: str) -> str:
@@ -395,28 +423,43 @@ def _whole_grid(command: str) -> str:
     return shlex.join(words)
 
 
-def _attributions(runs: list[tuple[Path, dict]], figures: Path, rows: int = 64) -> str:
+def _attributions(
+    runs: list[tuple[Path, dict]], figures: Path, ledger: Ledger | None, rows: int = 64
+) -> str:
     """One picture per task and LM method of the pieces its policy reads: the first seed's
-    run, explained on observations of its own dataset (``lmencoders explain``)."""
-    from .explain import draw, explain
+    run that was explained before (its record keeps the weights) or whose model is here,
+    explained on observations of its own dataset (``lmencoders explain``)."""
+    from .explain import Explanation, draw, explain
 
-    first: dict[tuple[str, str], tuple[int, Path]] = {}
+    by_key: dict[tuple[str, str], list[tuple[int, Path, dict]]] = {}
     for run_dir, result in runs:
         config = result["config"]
-        key = (config["dataset"], _method_of(result))
-        if config["encoder"] == "lm" and (key not in first or config["seed"] < first[key][0]):
-            first[key] = (config["seed"], run_dir)
+        if config["encoder"] == "lm":
+            key = (config["dataset"], _method_of(result))
+            by_key.setdefault(key, []).append((config["seed"], run_dir, result))
     lines = []
-    for (dataset, method), (seed, run_dir) in sorted(first.items()):
+    for (dataset, method), candidates in sorted(by_key.items()):
         name = Path(dataset).stem
-        if not Path(dataset).is_file():
+        usable = [c for c in sorted(candidates, key=lambda c: c[0])
+                  if "explanation" in c[2] or c[1].is_dir()]  # fmt: skip
+        if not usable:
+            lines.append(f"- {name}, {method}: no picture, no run of it is on this machine")
+            continue
+        seed, run_dir, result = usable[0]
+        if "explanation" in result:
+            explanation = Explanation.from_record(result["explanation"])
+        elif not Path(dataset).is_file():
             lines.append(f"- {name}, {method}: no picture, `{dataset}` is not on this machine")
             continue
-        try:
-            explanation = explain(run_dir, dataset, rows=rows)
-        except LMEncodersError as error:  # one unreadable run costs its picture, not the report
-            lines.append(f"- {name}, {method}: no picture ({error})")
-            continue
+        else:
+            try:
+                explanation = explain(run_dir, dataset, rows=rows)
+            except LMEncodersError as error:  # an unreadable run costs its picture, not the report
+                lines.append(f"- {name}, {method}: no picture ({error})")
+                continue
+            result["explanation"] = explanation.to_record()
+            if ledger is not None:
+                ledger.add(result)
         slug = re.sub(r"[^a-z0-9]+", "-", method.lower()).strip("-")
         png = draw(explanation, figures / f"explain-{name}-{slug}.png")
         actor = explanation.weights[next(iter(explanation.weights))]
@@ -437,17 +480,34 @@ def _attributions(runs: list[tuple[Path, dict]], figures: Path, rows: int = 64) 
     )
 
 
+def _curves_note(runs: list[tuple[Path, dict]]) -> str:
+    missing = sum(1 for _, result in runs if not result.get("curve"))
+    if not missing:
+        return ""
+    return (
+        f"{missing} of the {len(runs)} runs have no learning curve in their record (kept from "
+        "an earlier report after their folders were lost) and are not in the curves.\n\n"
+    )
+
+
 def write_results(
     out_dir: str | Path,
     results_file: str | Path = "RESULTS.md",
     notes: str = "",
     sections: Sequence[str | Path] = (),
+    ledger: str | Path | None = None,
 ) -> str:
     """Write ``RESULTS.md`` (table, commands, paper numbers) with its CSV and plots in a
     ``results/`` folder beside it, and the other generated reports in ``sections`` as
-    sections of it; returns the table."""
+    sections of it; returns the table. With a ``ledger`` folder, every finished run's record
+    is kept there and the report reads all its records, those of runs whose folders are gone
+    included (:mod:`lmencoders.ledger`)."""
     out, target = Path(out_dir), Path(results_file)
-    runs = _finished_runs(out)
+    kept = Ledger(ledger) if ledger is not None else None
+    runs, other_draw = _records(out, kept)
+    if not runs:
+        raise FileNotFoundError(f"no finished runs under {out / 'runs'}")
+    out.mkdir(parents=True, exist_ok=True)
     table = _tables(out, runs)
     figures = target.parent / "results"
     figures.mkdir(parents=True, exist_ok=True)
@@ -462,11 +522,12 @@ def write_results(
     commands = "\n".join(_commands(out, runs)) or "(not recorded)"
     text = (
         "# Results: does language help offline RL?\n\n"
-        "Generated by `lmencoders report` from the run folders of `lmencoders experiment` "
+        "Generated by `lmencoders report` from the runs of `lmencoders experiment` "
         "(do not edit the tables by hand).\n\n"
         f"Commands that produced the runs:\n\n```\n{commands}\n```\n\n"
-        f"Datasets:\n\n{_provenance(runs)}\n\n"
-        "Returns are undiscounted evaluation returns of the final policy (mean over the "
+        f"Datasets:\n\n{_provenance(runs, kept)}\n\n"
+        + _left_out(other_draw)
+        + "Returns are undiscounted evaluation returns of the final policy (mean over the "
         "evaluation episodes of a run), then averaged over seeds. The first table is laid out "
         "like the paper's (mean return, number of seeds in brackets), after the mean return of "
         "the training trajectories themselves (data); the second gives each "
@@ -475,7 +536,8 @@ def write_results(
         f"{table}\n\n"
         + "\n\n".join(plots)
         + "\n\n"
-        + _attributions(runs, figures)
+        + _curves_note(runs)
+        + _attributions(runs, figures, kept)
         + (f"{notes.strip()}\n\n" if notes else "")
         + f"{ANCHOR}\n\n"
         "Tarasov et al. (2022): raw returns on NeoRL v1 low datasets (99 trajectories); "

@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -527,18 +529,70 @@ def test_sac_reads_gymnasium_observations_and_the_data_keep_x(tmp_path):
         train_behaviour_policies(config, with_x)
 
 
+def test_a_ledger_keeps_the_grid_after_its_run_folders_are_gone(
+    collected, tiny_lm, tmp_path, capsys, monkeypatch
+):
+    """Machines are reset. With --ledger, the report made after the run folders are deleted is
+    the report made before (tables, curves, attribution picture), the experiment counts the
+    recorded runs as finished, records name no folder of the machine, and a record made from
+    another draw of the dataset file is left out and run again."""
+    out, _ = collected
+    monkeypatch.chdir(tmp_path)
+    dataset = out / "Hopper-v5-low-3-train.npz"
+    grid = ["experiment", "--datasets", str(dataset), "--methods", "TD3+BC", "TD3+BC LM-No-Tune",
+            "--seeds", "0", "--steps", "20", "--eval-every", "10", "--eval-episodes", "1",
+            "--batch-size", "16", "--model", tiny_lm, "--out", "exp",
+            "--ledger", "ledger"]  # fmt: skip
+    report = ["report", "--out", "exp", "--results", "RESULTS.md", "--ledger", "ledger"]
+    assert main(grid) == 0 and main(report) == 0
+    before = Path("RESULTS.md").read_text()
+    pictures = sorted(p.name for p in Path("results").glob("*.png"))
+    assert "explain-Hopper-v5-low-3-train-td3-bc-lm-no-tune.png" in pictures
+    records = sorted(Path("ledger/runs").glob("*.json"))
+    assert len(records) == 2 and not any(str(tmp_path) in r.read_text() for r in records)
+    lm = json.loads(next(r for r in records if "lm-frozen" in r.name).read_text())
+    assert len(lm["curve"]) == 2 and lm["explanation"]["method"] == "gradient x input"
+    assert lm["dataset_md5"] == hashlib.md5(dataset.read_bytes()).hexdigest()
+    shutil.rmtree("exp")
+    assert main(report) == 0
+    assert Path("RESULTS.md").read_text() == before
+    assert sorted(p.name for p in Path("results").glob("*.png")) == pictures
+    capsys.readouterr()
+    assert main(grid + ["--dry-run"]) == 0
+    assert "finished 2, running 0, to continue 0, to start 0" in capsys.readouterr().out
+    assert main(grid + ["--time-budget", "0"]) == 0
+    assert "runs done 0, already finished 2" in capsys.readouterr().out
+    vector = next(r for r in records if "lm-frozen" not in r.name)
+    vector.write_text(json.dumps(json.loads(vector.read_text()) | {"dataset_md5": "0" * 32}))
+    assert main(report) == 0
+    text = Path("RESULTS.md").read_text()
+    assert "Left out: 1 recorded runs that learned from another draw of `Hopper-v5-low-3" in text
+    cell = "| Hopper-v5-low-3-train | 3 | TD3+BC |"
+    assert cell in before and cell not in text
+    capsys.readouterr()
+    assert main(grid + ["--dry-run"]) == 0
+    assert "finished 1, running 0, to continue 0, to start 1" in capsys.readouterr().out
+    vector.write_text("{not json")
+    assert main(report) == 2
+    assert f"{vector}: unreadable ledger file" in capsys.readouterr().err
+
+
 def test_report_attributions_name_a_dataset_that_is_not_here(tmp_path):
     """RESULTS.md made on a machine without a run's dataset says so instead of failing."""
     from lmencoders.report import _attributions
 
     config = {"dataset": "data/elsewhere/Hopper-v5-low-99-train.npz", "algo": "td3+bc"}
     config |= {"encoder": "lm", "tuning": "frozen", "pooling": "segments", "seed": 1}
-    section = _attributions([(tmp_path / "run", {"config": config})], tmp_path / "results")
+    runs = [(tmp_path / "run", {"config": config})]
+    section = _attributions(runs, tmp_path / "results", None)  # neither run nor explanation
+    assert "- Hopper-v5-low-99-train, TD3+BC LM-Segments: no picture, no run of it " in section
+    (tmp_path / "run").mkdir()
+    section = _attributions(runs, tmp_path / "results", None)
     assert section.startswith("## Which pieces the policy reads")
     assert "- Hopper-v5-low-99-train, TD3+BC LM-Segments: no picture, " in section
     assert "`data/elsewhere/Hopper-v5-low-99-train.npz` is not on this machine" in section
     vector = config | {"encoder": "vector"}  # runs without an LM have nothing to explain
-    assert _attributions([(tmp_path / "run", {"config": vector})], tmp_path) == ""
+    assert _attributions([(tmp_path / "run", {"config": vector})], tmp_path, None) == ""
 
 
 def test_report_counts_only_the_newest_attempt_of_a_configuration(tmp_path):
