@@ -534,8 +534,7 @@ def write_results(
         "cell's std over seeds, NeoRL-normalised score (random/expert references) and "
         "settings.\n\n"
         f"{table}\n\n"
-        + "\n\n".join(plots)
-        + "\n\n"
+        + "".join(f"{plot}\n\n" for plot in plots)
         + _curves_note(runs)
         + _attributions(runs, figures, kept)
         + (f"{notes.strip()}\n\n" if notes else "")

@@ -19,7 +19,9 @@
 #
 # On 2 cores run two lanes at a time, each with one torch thread (the script sets it), under
 # nice; LMENCODERS_BUDGET (seconds) stops a lane from starting new runs after that long.
-# Data go to data/grid/<task>/ and runs to experiments/grid/ (both ignored by git);
+# Data go to data/grid/<task>/ and runs to experiments/grid/ (both ignored by git: a lent
+# machine that is reset takes them along); each finished run's record goes to the ledger,
+# results/grid/ (commit it), from which the report is made and which the grid skips.
 # RESULTS.md lists each dataset with its md5 and the command that made it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +35,7 @@ folder=data/grid/$task$suffix
 budget=(${LMENCODERS_BUDGET:+--time-budget "$LMENCODERS_BUDGET"})
 # LMENCODERS_DRY_RUN=1: list where each run of a train or baselines stage stands; run none
 budget+=(${LMENCODERS_DRY_RUN:+--dry-run})
+ledger=(--ledger results/grid)
 # LMENCODERS_SEEDS: a first pass over fewer seeds, e.g. "0 1 2", gives every dataset a result
 # before any has all five; the same command with the rest finishes the grid.
 seeds=${LMENCODERS_SEEDS:-0 1 2 3 4}
@@ -82,12 +85,12 @@ case "$stage" in
     nice -n 5 "${cli[@]}" experiment --datasets $(datasets) --out experiments/grid \
       --methods "${methods[@]}" --seeds $seeds \
       --steps "$steps" --eval-every $((steps / 3)) --eval-episodes "${EPISODES[$task]}" \
-      --curve-episodes "${CURVE[$task]}" "${budget[@]}"
+      --curve-episodes "${CURVE[$task]}" "${ledger[@]}" "${budget[@]}"
     ;;
   baselines)
     nice -n 5 "${cli[@]}" experiment --datasets $(datasets) --out experiments/grid \
       --methods ${LMENCODERS_BASELINES:-BC CQL PLAS BCQ} --seeds 0 1 2 --steps 10000 --eval-every 5000 \
-      --eval-episodes "${EPISODES[$task]}" "${budget[@]}"
+      --eval-episodes "${EPISODES[$task]}" "${ledger[@]}" "${budget[@]}"
     ;;
   status)
     for each in Hopper-v5 Walker2d-v5 HalfCheetah-v5 finance; do
@@ -98,7 +101,7 @@ case "$stage" in
     ;;
   report)
     lmencoders report --out experiments/grid --results RESULTS.md --notes results/notes.md \
-      --sections results/lm-decision-transformer/RESULTS.md
+      --sections results/lm-decision-transformer/RESULTS.md "${ledger[@]}"
     ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
