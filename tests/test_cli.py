@@ -608,3 +608,21 @@ def test_report_counts_only_the_newest_attempt_of_a_configuration(tmp_path):
     runs = _finished_runs(tmp_path)
     assert [result["run"] for _, result in runs] == [f"{name}-2"]
     assert _commands(tmp_path, runs) == ["lmencoders b"]
+
+
+def test_a_ledger_keeps_the_newest_attempt_and_names_a_bad_record(tmp_path):
+    """An older attempt's record never replaces a newer one's, and a record that lacks what a
+    report reads is refused with its file named."""
+    from lmencoders.ledger import Ledger, LedgerError
+
+    ledger = Ledger(tmp_path)
+    name = "Hopper-v5-low-3-train-bc-vector-seed0-0123abcd"
+    record = {"config": {}, "evaluation": {}, "dataset_trajectories": 3, "dataset_mean_return": 1}
+    ledger.add(record | {"run": f"{name}-2"})
+    ledger.add(record | {"run": name})
+    assert [r["run"] for r in ledger.records()] == [f"{name}-2"]
+    assert ledger.get(name)["run"] == f"{name}-2"
+    bad = tmp_path / "runs" / f"{name}.json"
+    bad.write_text(json.dumps({"run": name, "config": {}}))
+    with pytest.raises(LedgerError, match=f"{bad}: the run record has no evaluation, "):
+        ledger.records()
