@@ -7,7 +7,9 @@ The result is written in NeoRL's own layout (``lmencoders.datasets`` reads it ba
 
 Each stage leaves finished files behind and is skipped when they exist, so an interrupted run
 resumes; every file is written to a temporary name and renamed, so nothing half-written ever
-looks complete.
+looks complete. ``--policies DIR`` keeps what remakes the files without SAC (the checkpoint list
+and each level's policy, the policy network alone) in a small folder to commit: SAC takes hours
+on a CPU, a rollout from a kept policy minutes, and it makes the same files.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -32,7 +35,7 @@ from .envs import episode_returns, kept_positions, make_env
 from .errors import ConfigError
 from .files import atomic_write
 from .options import option
-from .saving import load_model, save_model
+from .saving import load_model, save_model, save_policy
 
 __all__ = ["CollectConfig", "collect", "rollout", "pick_policies", "shared_checkpoints"]
 
@@ -74,6 +77,12 @@ class CollectConfig:
         None, "stop SAC at the first checkpoint whose mean return reaches this"
     )
     seed: int = option(0, "random seed (not 0: file names end in -seed<N>, a second draw)")
+    policies_dir: str | None = option(
+        None,
+        "a folder (commit it) that keeps the SAC checkpoint list and each level's policy; when "
+        "it holds them, the same command remakes the same files without training SAC",
+        flag="--policies",
+    )
 
     def __post_init__(self) -> None:
         self.levels = tuple(self.levels)
@@ -351,8 +360,12 @@ def collect(config: CollectConfig, command: str = "") -> dict:
     folder = Path(config.out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    if config.policies_dir is not None:
+        _restore_policies(config, Path(config.policies_dir), folder)
     history = selection_returns(config, folder, train_behaviour_policies(config, folder))
     chosen = pick_policies(history, config.levels)
+    if config.policies_dir is not None:
+        _keep_policies(config, Path(config.policies_dir), folder, history, chosen)
     shared = _announce(chosen)
     task = config.env
     record_path = folder / "collect.json"
@@ -409,6 +422,58 @@ def collect(config: CollectConfig, command: str = "") -> dict:
     record["seconds"] = time.perf_counter() - started
     _write_record(record_path, record["datasets"], record)
     return record
+
+
+# the settings that decide which policies SAC trains and which are picked: kept policies are
+# used only by a collection with the same ones
+_POLICY_SETTINGS = (
+    "env", "seed", "sac_steps", "checkpoint_every", "eval_episodes", "selection_episodes",
+    "scale_observations", "sac_sees_positions", "stop_at_return",
+)  # fmt: skip
+_KEPT_SETTINGS = "collect-settings.json"
+
+
+def _policy_settings(config: CollectConfig) -> dict:
+    return {key: getattr(config, key) for key in _POLICY_SETTINGS}
+
+
+def _keep_policies(
+    config: CollectConfig, kept: Path, folder: Path, history: list[dict], chosen: dict[str, dict]
+) -> None:
+    """Each chosen level's policy (the policy network alone), the checkpoint list and the
+    settings that made them, in ``kept``."""
+    for checkpoint in chosen.values():
+        target = kept / checkpoint["path"]
+        if not (target / "model.pt").is_file():
+            algo = load_model(folder / checkpoint["path"], trust_pickle=True)
+            save_policy(algo, target)
+    for name, value in [
+        ("sac-checkpoints.json", history),
+        (_KEPT_SETTINGS, _policy_settings(config)),
+    ]:
+        atomic_write(kept / name, lambda f, v=value: f.write(json.dumps(v, indent=1).encode()))
+
+
+def _restore_policies(config: CollectConfig, kept: Path, folder: Path) -> None:
+    """Start a collection from kept policies: SAC and the re-evaluation are done."""
+    if (folder / "sac-checkpoints.json").is_file() or not (kept / _KEPT_SETTINGS).is_file():
+        return
+    settings = json.loads((kept / _KEPT_SETTINGS).read_text())
+    differ = {k: (v, settings.get(k)) for k, v in _policy_settings(config).items()
+              if settings.get(k) != v}  # fmt: skip
+    if differ:
+        detail = ", ".join(
+            f"{k} {ours!r} (kept: {theirs!r})" for k, (ours, theirs) in differ.items()
+        )
+        raise ConfigError(
+            f"{kept}: its policies were made with other settings: {detail}; collect with the "
+            "kept settings, or into a new --policies folder"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    for policy in (kept / "policies").glob("*"):
+        shutil.copytree(policy, folder / "policies" / policy.name, dirs_exist_ok=True)
+    shutil.copy(kept / "sac-checkpoints.json", folder / "sac-checkpoints.json")
+    print(f"SAC policies from {kept}: SAC is not trained again", flush=True)
 
 
 def _recorded_datasets(path: Path) -> dict[str, dict]:

@@ -21,7 +21,9 @@
 # nice; LMENCODERS_BUDGET (seconds) stops a lane from starting new runs after that long.
 # Data go to data/grid/<task>/ and runs to experiments/grid/ (both ignored by git: a lent
 # machine that is reset takes them along); each finished run's record goes to the ledger,
-# results/grid/ (commit it), from which the report is made and which the grid skips.
+# results/grid/ (commit it), from which the report is made and which the grid skips; the
+# behaviour policies go to results/grid/policies/<task>/, from which the same collect command
+# remakes the same files in minutes, without SAC.
 # RESULTS.md lists each dataset with its md5 and the command that made it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -79,7 +81,7 @@ case "$stage" in
     [[ $task == finance ]] && extra=(--scale-observations --selection-episodes 1)
     nice -n 5 lmencoders collect --env "$task" --out "$folder" --sac-steps "${SAC_STEPS[$task]}" \
       --checkpoint-every 10000 --stop-at-return "${STOP[$task]}" --levels ${LEVELS[$task]} \
-      --train 99 --val 10 --seed "$seed" "${extra[@]}"
+      --train 99 --val 10 --seed "$seed" --policies "results/grid/policies/$task$suffix" "${extra[@]}"
     ;;
   train)
     nice -n 5 "${cli[@]}" experiment --datasets $(datasets) --out experiments/grid \

@@ -72,6 +72,34 @@ def test_collect_writes_neorl_files_and_a_record(collected):
     assert not list(out.rglob("*.tmp"))
 
 
+def test_kept_policies_remake_the_same_files_without_sac(collected, tmp_path, capsys, monkeypatch):
+    """--policies keeps each level's policy (the policy network alone) and the checkpoint list;
+    the same command with a fresh --out remakes byte-identical files without training SAC, and
+    other SAC settings are refused with the setting named."""
+    out, args = collected
+    kept = tmp_path / "kept"
+    assert main(args + ["--policies", str(kept)]) == 0  # SAC is done: only the policies are kept
+    sizes = [p.stat().st_size for p in kept.glob("policies/*/model.pt")]
+    assert (
+        len(sizes) == 2 and max(sizes) < 0.25 * (out / "policies/sac-200/model.pt").stat().st_size
+    )
+    capsys.readouterr()
+    fresh = tmp_path / "fresh"
+    again = [fresh if word == str(out) else word for word in args]
+
+    def no_sac(*_, **__):
+        raise AssertionError("SAC trained again")
+
+    monkeypatch.setattr("d3rlpy.algos.SAC.fit_online", no_sac)
+    assert main([str(word) for word in again] + ["--policies", str(kept)]) == 0
+    assert "SAC is not trained again" in capsys.readouterr().out
+    for made in out.glob("*.npz"):
+        assert (fresh / made.name).read_bytes() == made.read_bytes()
+    other = [str(word) for word in again] + ["--policies", str(kept), "--out", str(tmp_path / "x")]
+    assert main(other + ["--seed", "3"]) == 2
+    assert "its policies were made with other settings: seed 3 (kept: 0)" in capsys.readouterr().err
+
+
 def test_collect_skips_finished_stages(collected):
     out, args = collected
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.npz")}
