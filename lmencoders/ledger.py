@@ -59,16 +59,14 @@ def learning_curve(run_dir: Path) -> list[tuple[int, float]]:
         return [(int(row[1]), float(row[2])) for row in csv.reader(f) if len(row) >= 3]
 
 
+def _relative_path(path: str) -> str:
+    return path.removeprefix(str(Path.cwd().resolve()) + os.sep)
+
+
 def relative_to_here(command: str) -> str:
     """A command with the paths under the working directory (the repository, when run there)
     made relative, so that records and reports name no machine's folders."""
-    here = str(Path.cwd().resolve()) + os.sep
-    return " ".join(shlex.quote(word.removeprefix(here)) for word in shlex.split(command))
-
-
-def _relative_path(path: str) -> str:
-    here = str(Path.cwd().resolve()) + os.sep
-    return path.removeprefix(here)
+    return " ".join(shlex.quote(_relative_path(word)) for word in shlex.split(command))
 
 
 def run_record(run_dir: Path, result: dict) -> dict:
