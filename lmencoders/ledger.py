@@ -137,8 +137,17 @@ class Ledger:
         return held
 
     def add_datasets(self, entries: dict[str, dict]) -> None:
-        if entries:
-            _write_json(self.folder / DATASETS, self.datasets() | entries)
+        """Keep each file's record; one it replaces (the file was made again, another md5)
+        stays under ``name@md5``, for the runs that learned from it."""
+        held = self.datasets()
+        merged = dict(held)
+        for name, entry in entries.items():
+            before = held.get(name)
+            if before is not None and before.get("md5") != entry.get("md5"):
+                merged[f"{name}@{before['md5']}"] = before
+            merged[name] = entry
+        if merged != held:
+            _write_json(self.folder / DATASETS, merged)
 
     @staticmethod
     def _checked(path: Path) -> dict:

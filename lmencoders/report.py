@@ -49,49 +49,55 @@ def _finished_runs(out: Path) -> list[tuple[Path, dict]]:
     ]
 
 
-def _records(out: Path, ledger: Ledger | None) -> tuple[list[tuple[Path, dict]], list[dict]]:
+def _records(out: Path, ledger: Ledger | None) -> tuple[list[tuple[Path, dict]], dict[str, str]]:
     """The runs to report, each as (its folder under ``out``, which may be gone, and its
-    record), and the records left out because the dataset file here is not the one the run
-    learned from (another draw). With a ledger, the finished run folders' records go into it
-    first and the report reads the whole ledger."""
+    record), and, by run, the md5 of the data of the runs that learned from another draw of
+    their dataset file than the one here. With a ledger, the finished run folders' records go
+    into it first and the report reads the whole ledger."""
     records = [run_record(folder, result) for folder, result in _finished_runs(out)]
     if ledger is not None:
         for record in records:
             ledger.add(record)
         records = ledger.records()
     here: dict[str, str | None] = {}
-    kept, other_draw = [], []
+    earlier = {}
     for record in records:
         path = record["config"]["dataset"]
         if path not in here:
             here[path] = file_md5(Path(path)) if Path(path).is_file() else None
         learned_from = record.get("dataset_md5")
         if learned_from and here[path] and learned_from != here[path]:
-            other_draw.append(record)
-        else:
-            kept.append((out / "runs" / record["run"], record))
-    return kept, other_draw
+            earlier[record["run"]] = learned_from
+    return [(out / "runs" / r["run"], r) for r in records], earlier
 
 
-def _left_out(other_draw: list[dict]) -> str:
-    if not other_draw:
+def _label(result: dict, earlier: dict[str, str]) -> str:
+    """The dataset's name in the tables; runs on an earlier draw of the file are their own
+    row, named by the md5 of their data."""
+    stem = Path(result["config"]["dataset"]).stem
+    md5 = earlier.get(result["run"])
+    return f"{stem} (earlier draw {md5[:8]})" if md5 else stem
+
+
+def _earlier_draws(earlier: dict[str, str]) -> str:
+    if not earlier:
         return ""
-    files = sorted({Path(r["config"]["dataset"]).name for r in other_draw})
     return (
-        f"Left out: {len(other_draw)} recorded runs that learned from another draw of "
-        f"{', '.join(f'`{f}`' for f in files)} than the file here (their records keep the md5 "
-        "of theirs).\n\n"
+        f'Rows named "earlier draw" hold {len(earlier)} runs whose dataset file was made again '
+        "since (same command, another file: the md5 of the data they learned from is in the "
+        "name); they are kept as a draw of their own and left out of the aggregates over tasks."
+        "\n\n"
     )
 
 
-def _tables(out: Path, runs: list[tuple[Path, dict]]) -> str:
+def _tables(out: Path, runs: list[tuple[Path, dict]], earlier: dict[str, str]) -> str:
     """Write ``results.csv`` and the learning curves; return the Markdown tables."""
     rows = []
     for _, result in runs:
         evaluation = result["evaluation"]
         rows.append(
             {
-                "dataset": Path(result["config"]["dataset"]).stem,
+                "dataset": _label(result, earlier),
                 "method": _method_of(result),
                 "seed": result["config"]["seed"],
                 "steps": result["config"]["steps"],
@@ -142,15 +148,19 @@ def _tables(out: Path, runs: list[tuple[Path, dict]]) -> str:
     _remove_pictures(out)
     _plot_curves(out, rows, {result["run"]: result.get("curve", []) for _, result in runs})
     summary = _summary(groups, datasets, methods) + "\n\nEvery cell:\n\n" + "\n".join(lines)
-    return summary + "\n\n" + _statistics(out, rows, methods)
+    earlier_rows = {_label(r, earlier) for _, r in runs if r["run"] in earlier}
+    return summary + "\n\n" + _statistics(out, rows, methods, earlier_rows)
 
 
 BASELINE = "TD3+BC"
 
 
-def _statistics(out: Path, rows: list[dict], methods: list[str]) -> str:
-    """rliable's intervals per task and overall, P(LM variant > TD3+BC), the paired per-seed
-    table, and the interval plot (``intervals.png``)."""
+def _statistics(
+    out: Path, rows: list[dict], methods: list[str], earlier: set[str] = frozenset()
+) -> str:
+    """rliable's intervals per task and overall (not over ``earlier`` draws, which would count
+    a task twice), P(LM variant > TD3+BC), the paired per-seed table, and the interval plot
+    (``intervals.png``)."""
     from . import statistics
 
     tasks = statistics.scores_by_task(rows)
@@ -171,7 +181,7 @@ def _statistics(out: Path, rows: list[dict], methods: list[str]) -> str:
             seeds = len(task.by_method[method])
             cells = _estimate_cells([task], method, values, variants)
             lines.append(f"| {name} | {method} | {seeds} | {cells} |")
-    normalised = [t for _, t in sorted(tasks.items()) if t.normalised]
+    normalised = [t for n, t in sorted(tasks.items()) if t.normalised and n not in earlier]
     overall = statistics.aggregates(normalised, methods) if normalised else {}
     if overall:
         lines += [
@@ -351,22 +361,27 @@ def _paper_table() -> str:
     return "\n".join(lines)
 
 
-def _provenance(runs: list[tuple[Path, dict]], ledger: Ledger | None) -> str:
+def _provenance(
+    runs: list[tuple[Path, dict]], earlier: dict[str, str], ledger: Ledger | None
+) -> str:
     """Where each dataset of the runs came from: the collector's ``collect.json`` beside the
-    file (NeoRL's own files have none), else what the ledger kept of it."""
-    files = {Path(r["config"]["dataset"]).name: Path(r["config"]["dataset"]) for _, r in runs}
+    file (NeoRL's own files have none), else what the ledger kept of it (of an earlier draw
+    too)."""
+    files = {_label(r, earlier): (Path(r["config"]["dataset"]), earlier.get(r["run"]))
+             for _, r in runs}  # fmt: skip
     kept = ledger.datasets() if ledger is not None else {}
     found = {}
     lines = []
-    for name, path in sorted(files.items()):
-        entry = _collected(path) or kept.get(name)
+    for label, (path, md5) in sorted(files.items()):
+        entry = kept.get(f"{path.name}@{md5}") if md5 else _collected(path) or kept.get(path.name)
         if entry is None:
-            lines.append(f"- `{name}`: no collector record beside it")
+            lines.append(f"- `{label}`: no collector record of it")
             continue
-        if path.is_file():
-            found[name] = entry
+        if not md5 and path.is_file():
+            found[path.name] = entry
+        name = f"{path.name}` ({label.removeprefix(path.stem).strip()})" if md5 else f"{path.name}`"
         lines.append(
-            f"- `{name}` (md5 {entry['md5']}): `{entry['command']}`; "
+            f"- `{name} (md5 {entry['md5']}): `{entry['command']}`; "
             f"best SAC return {entry['best_sac_return']:.1f}, {entry['level']} "
             f"policy from SAC step {entry['policy_step']}; {entry['trajectories']} trajectories, "
             f"return {entry['mean_return']:.1f} +- {entry['std_return']:.1f}"
@@ -424,7 +439,11 @@ def _whole_grid(command: str) -> str:
 
 
 def _attributions(
-    runs: list[tuple[Path, dict]], figures: Path, ledger: Ledger | None, rows: int = 64
+    runs: list[tuple[Path, dict]],
+    figures: Path,
+    ledger: Ledger | None,
+    earlier: dict[str, str] | None = None,
+    rows: int = 64,
 ) -> str:
     """One picture per task and LM method of the pieces its policy reads: the first seed's
     run that was explained before (its record keeps the weights) or whose model is here,
@@ -435,13 +454,14 @@ def _attributions(
     for run_dir, result in runs:
         config = result["config"]
         if config["encoder"] == "lm":
-            key = (config["dataset"], _method_of(result))
+            key = (_label(result, earlier or {}), _method_of(result))
             by_key.setdefault(key, []).append((config["seed"], run_dir, result))
     lines = []
-    for (dataset, method), candidates in sorted(by_key.items()):
-        name = Path(dataset).stem
-        usable = [c for c in sorted(candidates, key=lambda c: c[0])
-                  if "explanation" in c[2] or c[1].is_dir()]  # fmt: skip
+    for (name, method), candidates in sorted(by_key.items()):
+        dataset = candidates[0][2]["config"]["dataset"]
+        # explained before, or its model and its own data are here
+        usable = [c for c in sorted(candidates, key=lambda c: c[0]) if "explanation" in c[2]
+                  or (c[1].is_dir() and c[2]["run"] not in (earlier or {}))]  # fmt: skip
         if not usable:
             lines.append(f"- {name}, {method}: no picture, no run of it is on this machine")
             continue
@@ -461,7 +481,8 @@ def _attributions(
             if ledger is not None:
                 ledger.add(result)
         slug = re.sub(r"[^a-z0-9]+", "-", method.lower()).strip("-")
-        png = draw(explanation, figures / f"explain-{name}-{slug}.png")
+        stem = re.sub(r"[^A-Za-z0-9.-]+", "-", name).strip("-")
+        png = draw(explanation, figures / f"explain-{stem}-{slug}.png")
         actor = explanation.weights[next(iter(explanation.weights))]
         top = ", ".join(f"{explanation.labels[i]} ({actor[i]:.2f})" for i in np.argsort(-actor)[:3])
         lines.append(
@@ -504,11 +525,11 @@ def write_results(
     included (:mod:`lmencoders.ledger`)."""
     out, target = Path(out_dir), Path(results_file)
     kept = Ledger(ledger) if ledger is not None else None
-    runs, other_draw = _records(out, kept)
+    runs, earlier = _records(out, kept)
     if not runs:
         raise FileNotFoundError(f"no finished runs under {out / 'runs'}")
     out.mkdir(parents=True, exist_ok=True)
-    table = _tables(out, runs)
+    table = _tables(out, runs, earlier)
     figures = target.parent / "results"
     figures.mkdir(parents=True, exist_ok=True)
     _remove_pictures(figures)  # of runs an earlier report held (datasets since replaced)
@@ -525,8 +546,8 @@ def write_results(
         "Generated by `lmencoders report` from the runs of `lmencoders experiment` "
         "(do not edit the tables by hand).\n\n"
         f"Commands that produced the runs:\n\n```\n{commands}\n```\n\n"
-        f"Datasets:\n\n{_provenance(runs, kept)}\n\n"
-        + _left_out(other_draw)
+        f"Datasets:\n\n{_provenance(runs, earlier, kept)}\n\n"
+        + _earlier_draws(earlier)
         + "Returns are undiscounted evaluation returns of the final policy (mean over the "
         "evaluation episodes of a run), then averaged over seeds. The first table is laid out "
         "like the paper's (mean return, number of seeds in brackets), after the mean return of "
@@ -536,7 +557,7 @@ def write_results(
         f"{table}\n\n"
         + "".join(f"{plot}\n\n" for plot in plots)
         + _curves_note(runs)
-        + _attributions(runs, figures, kept)
+        + _attributions(runs, figures, kept, earlier)
         + (f"{notes.strip()}\n\n" if notes else "")
         + f"{ANCHOR}\n\n"
         "Tarasov et al. (2022): raw returns on NeoRL v1 low datasets (99 trajectories); "

@@ -563,7 +563,7 @@ def test_a_ledger_keeps_the_grid_after_its_run_folders_are_gone(
     """Machines are reset. With --ledger, the report made after the run folders are deleted is
     the report made before (tables, curves, attribution picture), the experiment counts the
     recorded runs as finished, records name no folder of the machine, and a record made from
-    another draw of the dataset file is left out and run again."""
+    another draw of the dataset file is reported as that draw's and run again."""
     out, _ = collected
     monkeypatch.chdir(tmp_path)
     dataset = out / "Hopper-v5-low-3-train.npz"
@@ -593,10 +593,11 @@ def test_a_ledger_keeps_the_grid_after_its_run_folders_are_gone(
     vector = next(r for r in records if "lm-frozen" not in r.name)
     vector.write_text(json.dumps(json.loads(vector.read_text()) | {"dataset_md5": "0" * 32}))
     assert main(report) == 0
-    text = Path("RESULTS.md").read_text()
-    assert "Left out: 1 recorded runs that learned from another draw of `Hopper-v5-low-3" in text
+    text = Path("RESULTS.md").read_text()  # its own row, out of the aggregates over tasks
+    assert 'Rows named "earlier draw" hold 1 runs whose dataset file was made again' in text
     cell = "| Hopper-v5-low-3-train | 3 | TD3+BC |"
     assert cell in before and cell not in text
+    assert "| Hopper-v5-low-3-train (earlier draw 00000000) | 3 | TD3+BC |" in text
     capsys.readouterr()
     assert main(grid + ["--dry-run"]) == 0
     assert "finished 1, running 0, to continue 0, to start 1" in capsys.readouterr().out
@@ -611,7 +612,7 @@ def test_report_attributions_name_a_dataset_that_is_not_here(tmp_path):
 
     config = {"dataset": "data/elsewhere/Hopper-v5-low-99-train.npz", "algo": "td3+bc"}
     config |= {"encoder": "lm", "tuning": "frozen", "pooling": "segments", "seed": 1}
-    runs = [(tmp_path / "run", {"config": config})]
+    runs = [(tmp_path / "run", {"config": config, "run": "run"})]
     section = _attributions(runs, tmp_path / "results", None)  # neither run nor explanation
     assert "- Hopper-v5-low-99-train, TD3+BC LM-Segments: no picture, no run of it " in section
     (tmp_path / "run").mkdir()
@@ -620,7 +621,9 @@ def test_report_attributions_name_a_dataset_that_is_not_here(tmp_path):
     assert "- Hopper-v5-low-99-train, TD3+BC LM-Segments: no picture, " in section
     assert "`data/elsewhere/Hopper-v5-low-99-train.npz` is not on this machine" in section
     vector = config | {"encoder": "vector"}  # runs without an LM have nothing to explain
-    assert _attributions([(tmp_path / "run", {"config": vector})], tmp_path, None) == ""
+    assert (
+        _attributions([(tmp_path / "run", {"config": vector, "run": "run"})], tmp_path, None) == ""
+    )
 
 
 def test_report_counts_only_the_newest_attempt_of_a_configuration(tmp_path):
@@ -639,8 +642,8 @@ def test_report_counts_only_the_newest_attempt_of_a_configuration(tmp_path):
 
 
 def test_a_ledger_keeps_the_newest_attempt_and_names_a_bad_record(tmp_path):
-    """An older attempt's record never replaces a newer one's, and a record that lacks what a
-    report reads is refused with its file named."""
+    """An older attempt's record never replaces a newer one's, a dataset made again keeps its
+    earlier record, and a run record that lacks what a report reads is refused by file."""
     from lmencoders.ledger import Ledger, LedgerError
 
     ledger = Ledger(tmp_path)
@@ -650,6 +653,9 @@ def test_a_ledger_keeps_the_newest_attempt_and_names_a_bad_record(tmp_path):
     ledger.add(record | {"run": name})
     assert [r["run"] for r in ledger.records()] == [f"{name}-2"]
     assert ledger.get(name)["run"] == f"{name}-2"
+    ledger.add_datasets({"a.npz": {"md5": "1"}})
+    ledger.add_datasets({"a.npz": {"md5": "2"}})  # made again: the runs on the first keep it
+    assert ledger.datasets() == {"a.npz": {"md5": "2"}, "a.npz@1": {"md5": "1"}}
     bad = tmp_path / "runs" / f"{name}.json"
     bad.write_text(json.dumps({"run": name, "config": {}}))
     with pytest.raises(LedgerError, match=f"{bad}: the run record has no evaluation, "):
