@@ -121,6 +121,10 @@ class Ledger:
         an attribution the held record had for the same attempt is kept."""
         path = self._path(record["run"])
         held = self.get(record["run"]) if path.is_file() else None
+        if held and held.get("dataset_md5") not in (None, record.get("dataset_md5")):
+            # the same settings on a dataset file made again: the earlier draw's run stays
+            path.rename(path.with_name(f"{path.stem}@{held['dataset_md5']}.json"))
+            held = None
         if held and configuration_of(held["run"])[1] > configuration_of(record["run"])[1]:
             return
         if held and held["run"] == record["run"] and "explanation" in held:

@@ -642,8 +642,9 @@ def test_report_counts_only_the_newest_attempt_of_a_configuration(tmp_path):
 
 
 def test_a_ledger_keeps_the_newest_attempt_and_names_a_bad_record(tmp_path):
-    """An older attempt's record never replaces a newer one's, a dataset made again keeps its
-    earlier record, and a run record that lacks what a report reads is refused by file."""
+    """An older attempt's record never replaces a newer one's, a run or dataset made again on
+    another draw keeps the earlier one's record, and a run record that lacks what a report
+    reads is refused by file."""
     from lmencoders.ledger import Ledger, LedgerError
 
     ledger = Ledger(tmp_path)
@@ -653,6 +654,12 @@ def test_a_ledger_keeps_the_newest_attempt_and_names_a_bad_record(tmp_path):
     ledger.add(record | {"run": name})
     assert [r["run"] for r in ledger.records()] == [f"{name}-2"]
     assert ledger.get(name)["run"] == f"{name}-2"
+    (tmp_path / "runs" / f"{name}.json").unlink()
+    drawn_again = record | {"run": name, "dataset_md5": "b" * 32}  # same settings, new file
+    ledger.add(record | {"run": f"{name}-3", "dataset_md5": "a" * 32})
+    ledger.add(drawn_again)
+    assert sorted(r["run"] for r in ledger.records()) == [name, f"{name}-3"]
+    assert ledger.get(name) == drawn_again
     ledger.add_datasets({"a.npz": {"md5": "1"}})
     ledger.add_datasets({"a.npz": {"md5": "2"}})  # made again: the runs on the first keep it
     assert ledger.datasets() == {"a.npz": {"md5": "2"}, "a.npz@1": {"md5": "1"}}
