@@ -140,6 +140,14 @@ class Ledger:
             raise LedgerError(f"{path}: expected an object of dataset records")
         return held
 
+    def dataset(self, name: str, md5: str | None = None) -> dict | None:
+        """The record of dataset file ``name`` (of the draw with ``md5``, where given)."""
+        held = self.datasets()
+        for entry in (held.get(name), held.get(f"{name}@{md5}")):
+            if entry is not None and md5 in (None, entry.get("md5")):
+                return entry
+        return None
+
     def add_datasets(self, entries: dict[str, dict]) -> None:
         """Keep each file's record; one it replaces (the file was made again, another md5)
         stays under ``name@md5``, for the runs that learned from it."""

@@ -369,17 +369,18 @@ def _provenance(
     too)."""
     files = {_label(r, earlier): (Path(r["config"]["dataset"]), earlier.get(r["run"]))
              for _, r in runs}  # fmt: skip
-    kept = ledger.datasets() if ledger is not None else {}
     found = {}
     lines = []
     for label, (path, md5) in sorted(files.items()):
-        entry = kept.get(f"{path.name}@{md5}") if md5 else _collected(path) or kept.get(path.name)
+        entry = None if md5 else _collected(path)
+        if entry is None and ledger is not None:
+            entry = ledger.dataset(path.name, md5)
         if entry is None:
             lines.append(f"- `{label}`: no collector record of it")
             continue
         if not md5 and path.is_file():
             found[path.name] = entry
-        name = f"{path.name}` ({label.removeprefix(path.stem).strip()})" if md5 else f"{path.name}`"
+        name = f"{path.name}` {label.removeprefix(path.stem).strip()}" if md5 else f"{path.name}`"
         lines.append(
             f"- `{name} (md5 {entry['md5']}): `{entry['command']}`; "
             f"best SAC return {entry['best_sac_return']:.1f}, {entry['level']} "

@@ -592,12 +592,19 @@ def test_a_ledger_keeps_the_grid_after_its_run_folders_are_gone(
     assert "runs done 0, already finished 2" in capsys.readouterr().out
     vector = next(r for r in records if "lm-frozen" not in r.name)
     vector.write_text(json.dumps(json.loads(vector.read_text()) | {"dataset_md5": "0" * 32}))
+    from lmencoders.ledger import Ledger
+
+    kept = Ledger("ledger")  # the earlier draw's file record, as a remade file would leave it
+    drawn = kept.datasets()[dataset.name] | {"md5": "0" * 32, "mean_return": 1.0}
+    kept.add_datasets({dataset.name: drawn})
     assert main(report) == 0
     text = Path("RESULTS.md").read_text()  # its own row, out of the aggregates over tasks
     assert 'Rows named "earlier draw" hold 1 runs whose dataset file was made again' in text
     cell = "| Hopper-v5-low-3-train | 3 | TD3+BC |"
     assert cell in before and cell not in text
     assert "| Hopper-v5-low-3-train (earlier draw 00000000) | 3 | TD3+BC |" in text
+    assert f"- `{dataset.name}` (earlier draw 00000000) (md5 {'0' * 32}): `lmencoders" in text
+    assert kept.dataset(dataset.name, "0" * 32) == drawn  # the file here is recorded again
     capsys.readouterr()
     assert main(grid + ["--dry-run"]) == 0
     assert "finished 1, running 0, to continue 0, to start 1" in capsys.readouterr().out
