@@ -380,9 +380,9 @@ def _provenance(
             continue
         if not md5 and path.is_file():
             found[path.name] = entry
-        name = f"{path.name}` {label.removeprefix(path.stem).strip()}" if md5 else f"{path.name}`"
+        draw = label.removeprefix(path.stem)  # " (earlier draw ...)" or nothing
         lines.append(
-            f"- `{name} (md5 {entry['md5']}): `{entry['command']}`; "
+            f"- `{path.name}`{draw} (md5 {entry['md5']}): `{entry['command']}`; "
             f"best SAC return {entry['best_sac_return']:.1f}, {entry['level']} "
             f"policy from SAC step {entry['policy_step']}; {entry['trajectories']} trajectories, "
             f"return {entry['mean_return']:.1f} +- {entry['std_return']:.1f}"
