@@ -18,7 +18,9 @@
 #   LMENCODERS_LEVELS=low LMENCODERS_SEEDS="0 1 2" scripts/evidence-grid.sh train Hopper-v5 1
 #
 # On 2 cores run two lanes at a time, each with one torch thread (the script sets it), under
-# nice; LMENCODERS_BUDGET (seconds) stops a lane from starting new runs after that long.
+# nice; LMENCODERS_BUDGET (seconds) stops a lane from starting new runs after that long;
+# LMENCODERS_THREADS=2 for a lane that runs alone (a long LM precompute that must end within
+# one session of a machine that may be reset after it).
 # Data go to data/grid/<task>/ and runs to experiments/grid/ (both ignored by git: a lent
 # machine that is reset takes them along); each finished run's record goes to the ledger,
 # results/grid/ (commit it), from which the report is made and which the grid skips; the
@@ -27,7 +29,7 @@
 # RESULTS.md lists each dataset with its md5 and the command that made it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export OMP_NUM_THREADS=1
+export OMP_NUM_THREADS=${LMENCODERS_THREADS:-1}
 stage=${1:?stage: collect, train, baselines or report}
 task=${2:-}
 seed=${3:-0}
