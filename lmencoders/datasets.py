@@ -169,6 +169,13 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+def dataset_md5(source: str | Path) -> str | None:
+    """The md5 of a dataset file, or None for a source that is not a file here (a Minari id,
+    NeoRL's own loader, a file of another machine): what names the data a run learned from."""
+    path = Path(source)
+    return file_md5(path) if path.is_file() else None
+
+
 def read_neorl_file(path: str | Path, verify: bool = True) -> NeoRLData:
     """Read one NeoRL-layout ``.npz``; with ``verify``, a file named in NeoRL's index must
     have NeoRL's md5."""

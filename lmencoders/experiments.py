@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .backbone import DEFAULT_MODEL, PIECE_POOLING
 from .checks import non_negative, optional_positive, positive
-from .datasets import file_md5
+from .datasets import dataset_md5
 from .errors import ConfigError
 from .ledger import Ledger, run_record
 from .options import option
@@ -184,10 +184,6 @@ def _grid(config: ExperimentConfig) -> list[tuple[str, int, str]]:
     ]
 
 
-def _dataset_md5(path: str) -> str | None:
-    return file_md5(Path(path)) if Path(path).is_file() else None
-
-
 def _finished(config: ExperimentConfig, train_config: TrainConfig, md5s: dict) -> bool:
     """Whether the run is finished: its folder has a result, or the ledger holds its record
     made from the dataset file that is here (a record of another draw is not this run)."""
@@ -204,7 +200,7 @@ def _finished(config: ExperimentConfig, train_config: TrainConfig, md5s: dict) -
         return False
     dataset = train_config.dataset_source
     if dataset not in md5s:
-        md5s[dataset] = _dataset_md5(dataset)
+        md5s[dataset] = dataset_md5(dataset)
     return None in (record.get("dataset_md5"), md5s[dataset]) or (
         record["dataset_md5"] == md5s[dataset]
     )

@@ -18,7 +18,7 @@ import re
 import shlex
 from pathlib import Path
 
-from .datasets import file_md5
+from .datasets import dataset_md5
 from .errors import LMEncodersError
 from .files import atomic_write
 
@@ -81,8 +81,7 @@ def run_record(run_dir: Path, result: dict) -> dict:
     curve = learning_curve(run_dir)
     record["curve"] = [list(point) for point in curve] or record.get("curve", [])
     if not record.get("dataset_md5"):
-        path = Path(result["config"]["dataset"])
-        record["dataset_md5"] = file_md5(path) if path.is_file() else None
+        record["dataset_md5"] = dataset_md5(result["config"]["dataset"])
     return record
 
 
@@ -120,7 +119,7 @@ class Ledger:
         """Keep ``record`` (the newest attempt of its configuration replaces an older one's);
         an attribution the held record had for the same attempt is kept."""
         path = self._path(record["run"])
-        held = self.get(record["run"]) if path.is_file() else None
+        held = self.get(record["run"])
         if held and held.get("dataset_md5") not in (None, record.get("dataset_md5")):
             # the same settings on a dataset file made again: the earlier draw's run stays
             path.rename(path.with_name(f"{path.stem}@{held['dataset_md5']}.json"))

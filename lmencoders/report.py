@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import file_md5
+from .datasets import dataset_md5, file_md5
 from .errors import ConfigError, LMEncodersError
 from .experiments import METHODS, PAPER_RESULTS, ExperimentConfig, grid_run_names
 from .ledger import Ledger, configuration_of, relative_to_here, run_record
@@ -64,7 +64,7 @@ def _records(out: Path, ledger: Ledger | None) -> tuple[list[tuple[Path, dict]],
     for record in records:
         path = record["config"]["dataset"]
         if path not in here:
-            here[path] = file_md5(Path(path)) if Path(path).is_file() else None
+            here[path] = dataset_md5(path)
         learned_from = record.get("dataset_md5")
         if learned_from and here[path] and learned_from != here[path]:
             earlier[record["run"]] = learned_from
@@ -451,18 +451,19 @@ def _attributions(
     explained on observations of its own dataset (``lmencoders explain``)."""
     from .explain import Explanation, draw, explain
 
+    earlier = earlier or {}
     by_key: dict[tuple[str, str], list[tuple[int, Path, dict]]] = {}
     for run_dir, result in runs:
         config = result["config"]
         if config["encoder"] == "lm":
-            key = (_label(result, earlier or {}), _method_of(result))
+            key = (_label(result, earlier), _method_of(result))
             by_key.setdefault(key, []).append((config["seed"], run_dir, result))
     lines = []
     for (name, method), candidates in sorted(by_key.items()):
         dataset = candidates[0][2]["config"]["dataset"]
         # explained before, or its model and its own data are here
         usable = [c for c in sorted(candidates, key=lambda c: c[0]) if "explanation" in c[2]
-                  or (c[1].is_dir() and c[2]["run"] not in (earlier or {}))]  # fmt: skip
+                  or (c[1].is_dir() and c[2]["run"] not in earlier)]  # fmt: skip
         if not usable:
             lines.append(f"- {name}, {method}: no picture, no run of it is on this machine")
             continue

@@ -27,7 +27,7 @@ from d3rlpy.algos.utility import build_scalers_with_transition_picker
 
 from .backbone import DEFAULT_MODEL, POOLING_NAMES, PRECISIONS, TUNING_MODES, check_precision
 from .checks import non_negative, optional_positive, positive
-from .datasets import OfflineDataset, file_md5, load_dataset, shipped_dataset
+from .datasets import OfflineDataset, dataset_md5, load_dataset, shipped_dataset
 from .encoders import LMEncoderFactory
 from .envs import description_for, episode_returns, make_env, normalized_score
 from .errors import ConfigError
@@ -511,7 +511,7 @@ def _write_result(
         "config": dataclasses.asdict(config)
         | {"dataset": dataset.source, "description": description},
         "run": out.name,
-        "dataset_md5": file_md5(Path(dataset.source)) if Path(dataset.source).is_file() else None,
+        "dataset_md5": dataset_md5(dataset.source),
         "dataset_trajectories": dataset.trajectories,
         "dataset_mean_return": float(dataset.returns().mean()),
         "train_seconds": train_seconds,  # the whole run, its evaluations included
