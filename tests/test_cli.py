@@ -100,6 +100,22 @@ def test_kept_policies_remake_the_same_files_without_sac(collected, tmp_path, ca
     assert "its policies were made with other settings: seed 3 (kept: 0)" in capsys.readouterr().err
 
 
+def test_only_an_algorithm_with_a_policy_network_is_kept_as_a_policy(hopper_dataset, tmp_path):
+    """BC's network is an imitator, not a policy; an algorithm not built yet has none at all:
+    both are refused by name and leave no file behind."""
+    import d3rlpy
+
+    from lmencoders.saving import save_policy
+
+    bc = d3rlpy.algos.BCConfig().create(device="cpu")
+    with pytest.raises(ConfigError, match="BC has no policy network"):
+        save_policy(bc, tmp_path / "unbuilt")
+    bc.build_with_dataset(hopper_dataset)
+    with pytest.raises(ConfigError, match="BC has no policy network"):
+        save_policy(bc, tmp_path / "bc")
+    assert not list(tmp_path.iterdir())
+
+
 def test_collect_skips_finished_stages(collected):
     out, args = collected
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.npz")}
