@@ -131,12 +131,16 @@ class Lora(TuningMode):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         import peft
+        from transformers.pytorch_utils import Conv1D
 
         config = peft.LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha,
             lora_dropout=0.0,
             target_modules=list(self.target_modules) if self.target_modules else None,
+            # GPT-2's projections are Conv1D (weights stored transposed): say so, rather than
+            # let peft warn and flip the setting itself
+            fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),
         )
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(0)  # same adapter init in every process: checkpoints stay comparable
