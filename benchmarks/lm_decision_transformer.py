@@ -14,8 +14,8 @@ faster convergence is half of Reid et al.'s claim) and leaves a JSON in ``<out>/
 finished run is skipped, so the comparison can be run in parts (``--time-budget``).
 
     python benchmarks/lm_decision_transformer.py --out results/lm-decision-transformer \\
-        --datasets lmencoders/data/Hopper-v5-medium-30-train.npz \\
-                   lmencoders/data/Hopper-v5-high-30-train.npz
+        --datasets benchmarks/data/hopper-sac60k/Hopper-v5-medium-30-train.npz \\
+                   benchmarks/data/hopper-sac60k/Hopper-v5-high-30-train.npz
 """
 
 from __future__ import annotations

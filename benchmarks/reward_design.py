@@ -1,7 +1,8 @@
 """Evidence for reward design with LM judges (Kwon et al., ICLR 2023), on Hopper-v5.
 
-Objectives whose truth can be computed from the states, on the shipped medium + high Hopper
-data (60 trajectories of two behaviour policies):
+Objectives whose truth can be computed from the states, on the medium + high Hopper data that
+lmencoders shipped before its data came from the grid's stronger SAC run (60 trajectories of two
+behaviour policies, kept in benchmarks/data/hopper-sac60k/; the thresholds below split them):
 
 - forward: "ends at least 1.1 m ahead of where it started" (x position change >= 1.1 m);
 - upright: "keeps the torso within 0.18 rad of upright the whole time" (max |torso angle|).
@@ -43,7 +44,7 @@ from lmencoders.relabel import RelabelConfig, relabel
 from lmencoders.saving import load_model
 from lmencoders.train import TrainConfig, train
 
-DATA = Path(__file__).resolve().parents[1] / "lmencoders" / "data"
+DATA = Path(__file__).resolve().parent / "data" / "hopper-sac60k"
 # A label alone on the last step is a sparse reward next to Hopper's ~1 per step; added to the
 # original rewards at this weight it is about as large as a trajectory's whole return.
 ADDED = 100.0
@@ -81,7 +82,7 @@ def truths(goal: Goal, data: NeoRLData) -> np.ndarray:
 
 
 def mixed_dataset(work: Path) -> Path:
-    """The shipped medium and high Hopper data in one NeoRL file (60 trajectories)."""
+    """The earlier shipped medium and high Hopper data in one NeoRL file (60 trajectories)."""
     path = work / "Hopper-v5-medium-high-60-train.npz"
     if path.is_file():
         return path
@@ -251,7 +252,8 @@ def write_markdown(
         "",
         f"```\n{command}\n```",
         "",
-        "Data: the shipped `Hopper-v5-medium-30-train.npz` and `Hopper-v5-high-30-train.npz` "
+        "Data: `Hopper-v5-medium-30-train.npz` and `Hopper-v5-high-30-train.npz` of "
+        "`benchmarks/data/hopper-sac60k/` (lmencoders' shipped data until 2026-11-27) "
         "in one file (60 trajectories). Objectives (computed truth in brackets):",
         "",
     ]

@@ -7,7 +7,7 @@ table (``yes -> 1``, ``no -> 0`` by default). An objective is a YAML file or, ze
 its sentence::
 
     task: A one-legged robot hops forward along the x axis.
-    objective: The hopper ends at least 0.85 m ahead of where it started.
+    objective: The hopper ends at least 6.5 m ahead of where it started.
     examples:                    # optional: dataset trajectories or inline outcome texts
       - {trajectory: 3, label: "yes"}
       - {text: "Start: x position: 0.0 m ... End: x position: 0.2 m ...", label: "no"}

@@ -66,6 +66,6 @@ def test_readme_main_command_trains_on_the_shipped_dataset(tmp_path):
     assert "normalised score" in result.stdout
     curve = re.findall(r"^step (\d+): return on Hopper-v5 over 1 episodes", result.stdout, re.M)
     assert curve == ["20", "40", "60", "80", "100"]  # five evaluations by default, printed
-    assert "Hopper-v5-medium-30-train" in result.stdout  # the shipped level that hops
+    assert "Hopper-v5-medium-10-train" in result.stdout  # the shipped default
     model = re.search(r"^model: (.+)$", result.stdout, re.MULTILINE)[1]
     assert Path(model).is_file() and Path(model).with_name("result.json").is_file()

@@ -498,7 +498,7 @@ def test_relabel_command_with_the_shipped_minilm_similarity_judge(tmp_path):
     objective = tmp_path / "objective.yaml"
     objective.write_text(
         "task: A one-legged robot hops forward along the x axis.\n"
-        "objective: The hopper ends at least 0.5 m ahead of where it started.\n"
+        "objective: The hopper ends at least 6.5 m ahead of where it started.\n"
         "examples:\n  - {trajectory: 0, label: 'yes'}\n  - {trajectory: 1, label: 'no'}\n"
     )
     code = main(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from conftest import neorl_arrays, quick_run
 from lmencoders.cli import main
 from lmencoders.saving import load_model
 from lmencoders.train import TrainConfig, evaluate, run_name, train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 config = quick_run
 
@@ -176,13 +179,17 @@ def test_evaluate_function_validates_its_episode_count(data_file, tmp_path):
 
 def test_run_names_stay_when_settings_are_added():
     """Experiments resume by run name: a setting added later (here curve_episodes) must not
-    rename the runs made before it, unless it is used. Names computed before it existed."""
-    assert run_name(TrainConfig(steps=100, eval_every=50, seed=3)) == (
+    rename the runs made before it, unless it is used. Names computed before it existed, on
+    the data then shipped (a dataset is named by file name and size)."""
+    earlier = str(ROOT / "benchmarks" / "data" / "hopper-sac60k" / "Hopper-v5-medium-30-train.npz")
+    assert run_name(TrainConfig(dataset=earlier, steps=100, eval_every=50, seed=3)) == (
         "Hopper-v5-medium-30-train-td3+bc-lm-frozen-seed3-e0be2fca"
     )
-    segments = TrainConfig(encoder="lm", tuning="frozen", pooling="segments", steps=100, seed=1)
+    segments = TrainConfig(
+        dataset=earlier, encoder="lm", tuning="frozen", pooling="segments", steps=100, seed=1
+    )
     assert run_name(segments).endswith("-segments-seed1-6db62bb8")
-    with_curve = TrainConfig(steps=100, eval_every=50, seed=3, curve_episodes=1)
+    with_curve = TrainConfig(dataset=earlier, steps=100, eval_every=50, seed=3, curve_episodes=1)
     assert not run_name(with_curve).endswith("e0be2fca")
 
 
