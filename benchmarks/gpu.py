@@ -101,7 +101,7 @@ def updates(dataset, device: str, quick: bool) -> str:
             if settings["tuning"] == "frozen" and precision == "bfloat16":
                 continue  # cached rows: no LM in the update
             if precision == "bfloat16" and not device.startswith("cuda"):
-                continue  # CPUs without bfloat16 units emulate it (~20x slower than float32)
+                continue  # on a CPU: benchmarks/run.py section 11 (fast only with bf16 units)
             factory = lmencoders.LMEncoderFactory(
                 description="hopper", precision=precision, **settings
             )

@@ -2,7 +2,7 @@
 and a hand-written LM encoder, all measured in this one run (ratios, not absolute timings, are
 what carries across machines).
 
-    python benchmarks/run.py          # about 6 minutes on 2 CPU cores; writes benchmarks/README.md
+    python benchmarks/run.py          # about 8 minutes on 2 CPU cores; writes benchmarks/README.md
     python benchmarks/run.py --quick  # a smoke run with small sizes (prints, writes nothing)
 """
 
@@ -773,6 +773,72 @@ def run_checkpoints(dataset, quick: bool) -> str:
     )
 
 
+def cpu_bfloat16_flags() -> str:
+    """The CPU's bfloat16 instructions as Linux lists them (without them autocast emulates)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown (no /proc/cpuinfo)"
+    found = sorted(f for f in flags if "bf16" in f)
+    return ", ".join(found) if found else "none"
+
+
+def cpu_precision(dataset, quick: bool) -> str:
+    """float32 against bfloat16 autocast on this CPU: frozen precompute (Hopper and FinRL texts)
+    and the tuned ln_embed update. Precisions alternate and each keeps its best of two passes,
+    so a neighbour's load hurts both alike."""
+    obs, _ = all_observations(dataset)
+    rows = []
+    work = [
+        ("hopper", np.unique(obs, axis=0)[: 32 if quick else 256]),
+        ("finrl", finrl_observations(4 if quick else 32)),
+    ]
+    for task, data in work:
+        rates: dict[str, float] = {}
+        features: dict[str, np.ndarray] = {}
+        for _ in range(2):
+            for precision in ("float32", "bfloat16"):
+                clear_feature_caches()
+                start = time.perf_counter()
+                features[precision] = lmencoders.embed_observations(
+                    data, task, precision=precision, show_progress=False
+                )
+                rate = len(data) / (time.perf_counter() - start)
+                rates[precision] = max(rate, rates.get(precision, 0.0))
+        diff = float(np.abs(features["float32"] - features["bfloat16"]).max())
+        rows.append(
+            [
+                f"frozen precompute, {task} ({len(data)} distinct obs)",
+                "obs/s",
+                f"{rates['float32']:.1f}",
+                f"{rates['bfloat16']:.1f}",
+                f"{rates['bfloat16'] / rates['float32']:.2f}x",
+                f"{diff:.1e}",
+            ]
+        )
+    batch, updates = (4, 1) if quick else (32, 2)
+    seconds: dict[str, float] = {}
+    for precision in ("float32", "bfloat16"):
+        factory = lmencoders.LMEncoderFactory(
+            description="hopper", tuning="ln_embed", precision=precision
+        )
+        seconds[precision], _ = time_updates(td3(dataset, factory, batch), dataset, batch, updates)
+    rows.append(
+        [
+            f"TD3+BC update, ln_embed (LM-Finetune), batch {batch}",
+            "ms",
+            f"{seconds['float32'] * 1e3:.0f}",
+            f"{seconds['bfloat16'] * 1e3:.0f}",
+            f"{seconds['float32'] / seconds['bfloat16']:.2f}x",
+            "-",
+        ]
+    )
+    return f"CPU bfloat16 instructions: {cpu_bfloat16_flags()}.\n\n" + table(
+        ["work", "unit", "float32", "bfloat16", "bfloat16 speed-up", "max abs feature diff"],
+        rows,
+    )
+
+
 def machine() -> str:
     return (
         f"{processor_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
@@ -858,6 +924,14 @@ def main() -> None:
             "A run writes `checkpoint.pt` after every epoch (weights, optimiser states, random "
             "generators) so that a killed run goes on from there; what one write costs against "
             "the updates of an epoch (the evidence grid's epochs are 10,000 steps).",
+        ),
+        (
+            "11. LM precision on this CPU",
+            cpu_precision,
+            '`precision="bfloat16"` runs the LM\'s forward under autocast. On an H100 it was '
+            "slower than float32 for MiniLM (benchmarks/gpu.md); on a CPU it depends on whether "
+            "the CPU has bfloat16 instructions. Features stay float32 either way, and a "
+            "bfloat16 table is cached apart from the float32 one.",
         ),
     ]
     parts = []

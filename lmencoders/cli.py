@@ -48,7 +48,9 @@ class PrecomputeConfig:
         None, "feature cache folder (default: $LMENCODERS_CACHE or ~/.cache/lmencoders)"
     )
     precision: str = option(
-        "float32", "the LM's forward: float32, or bfloat16 autocast (GPUs)", choices=PRECISIONS
+        "float32",
+        "the LM's forward: float32, or bfloat16 autocast (GPUs, CPUs with bf16 units)",
+        choices=PRECISIONS,
     )
 
     def __post_init__(self) -> None:

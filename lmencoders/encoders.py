@@ -328,8 +328,9 @@ class LMEncoderFactory(EncoderFactory):
             there), 256 on GPU.
         lora_rank, lora_alpha, lora_target_modules: LoRA settings (``tuning="lora"``).
         readout_queries, readout_dim: size of the readout over pieces (``pooling="segments"``).
-        precision: ``"float32"`` or ``"bfloat16"``: the LM's forward under autocast (opt-in,
-            for GPUs; features stay float32, within ~1e-2 of the float32 forward).
+        precision: ``"float32"`` or ``"bfloat16"``: the LM's forward under autocast (opt-in:
+            faster on CPUs with bfloat16 units, benchmarks/README.md section 11; features stay
+            float32, within ~1e-2 of the float32 forward).
         observation_scaler: ``None`` (default) uses the algorithm's observation scaler, found
             when d3rlpy builds the encoders, so the LM reads raw values; a scaler given here
             must be the algorithm's (the same object), or building the encoders fails.

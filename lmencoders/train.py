@@ -95,7 +95,9 @@ class TrainConfig:
         None, "shipped description name or YAML path (default: the task's)"
     )
     precision: str = option(
-        "float32", "the LM's forward: float32, or bfloat16 autocast (GPUs)", choices=PRECISIONS
+        "float32",
+        "the LM's forward: float32, or bfloat16 autocast (GPUs, CPUs with bf16 units)",
+        choices=PRECISIONS,
     )
     env: str | None = option(None, "evaluation environment (default: the one the data names)")
     steps: int = option(5_000, "gradient steps")
