@@ -102,6 +102,22 @@ def with_features(dataset) -> d3rlpy.dataset.MDPDataset:
     )
 
 
+def finrl_dataset(days: int, seed: int = 0) -> d3rlpy.dataset.MDPDataset:
+    """One FinRL episode over ``days`` real market days (random holdings, trades, rewards):
+    timing needs the real observation width and texts, not a trading policy."""
+    obs = finrl_observations(days, seed).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    terminals = np.zeros(len(obs), bool)
+    terminals[-1] = True
+    return d3rlpy.dataset.MDPDataset(
+        obs,
+        rng.uniform(-1, 1, (len(obs), FinRLEnv().n)).astype(np.float32),
+        rng.normal(0, 1, len(obs)).astype(np.float32),
+        terminals,
+        action_space=d3rlpy.ActionSpace.CONTINUOUS,
+    )
+
+
 def finrl_observations(n: int, seed: int = 0) -> np.ndarray:
     """FinRL observations from NeoRL's market file (as FinRLEnv reads it): cash, prices and
     indicators of a trading day, random holdings."""
@@ -564,51 +580,46 @@ def evaluation_time(dataset, quick: bool) -> str:
 
 
 def piece_features(dataset, quick: bool) -> str:
-    """pooling="segments" against frozen mean pooling: update cost, table memory, precompute."""
+    """pooling="segments" against frozen mean pooling: update cost, table memory, precompute,
+    on Hopper (12 pieces) and FinRL (31 pieces, the widest table a grid run reads)."""
     batch, updates = (64, 5) if quick else (256, 40)
     rows = []
-    obs, _ = all_observations(dataset)
     language_model()  # loaded before any timing
-    timing = []
-    for pooling in ("mean", "segments"):
-        factory = lmencoders.LMEncoderFactory(description="hopper", pooling=pooling)
-        clear_feature_caches()
-        start = time.perf_counter()
-        factory.precompute(dataset, cache_dir=False, show_progress=False)
-        rate = len(np.unique(obs, axis=0)) / (time.perf_counter() - start)
-        seconds, _ = time_updates(td3(dataset, factory, batch), dataset, batch, updates)
-        timing.append((pooling, seconds, rate))
-    base_seconds, base_rate = timing[0][1], timing[0][2]
-    for pooling, seconds, rate in timing:
-        rows.append(
-            [
-                f"TD3+BC, frozen MiniLM, pooling {pooling}",
-                batch,
-                f"{seconds * 1e3:.1f}",
-                f"{seconds / base_seconds:.2f}x",
-                f"{rate:.1f}",
-                f"{rate / base_rate:.2f}x",
+    for task, data in [("hopper", dataset), ("finrl", finrl_dataset(16 if quick else 64))]:
+        distinct = len(np.unique(all_observations(data)[0], axis=0))
+        timing = []
+        for pooling in ("mean", "segments"):
+            factory = lmencoders.LMEncoderFactory(description=task, pooling=pooling)
+            clear_feature_caches()
+            start = time.perf_counter()
+            factory.precompute(data, cache_dir=False, show_progress=False)
+            rate = distinct / (time.perf_counter() - start)
+            seconds, _ = time_updates(td3(data, factory, batch), data, batch, updates)
+            timing.append((f"{task}, pooling {pooling}", seconds, rate))
+        if task == "hopper":  # both tables (a grid with LM-No-Tune and LM-Segments)
+            clear_feature_caches()
+            start = time.perf_counter()
+            lmencoders.LMEncoderFactory(description=task).precompute(
+                data, cache_dir=False, show_progress=False, also_pooling="segments"
+            )
+            both = distinct / (time.perf_counter() - start)
+            apart = 1 / sum(1 / rate for _, _, rate in timing)
+            timing += [
+                (f"{task}, mean + segments tables, {label}", None, rate)
+                for label, rate in [("one pass each", apart), ("one pass (`also_pooling`)", both)]
             ]
-        )
-    # both tables (a grid with LM-No-Tune and LM-Segments): one LM pass, or one each
-    clear_feature_caches()
-    start = time.perf_counter()
-    lmencoders.LMEncoderFactory(description="hopper").precompute(
-        dataset, cache_dir=False, show_progress=False, also_pooling="segments"
-    )
-    both = len(np.unique(obs, axis=0)) / (time.perf_counter() - start)
-    apart = 1 / sum(1 / rate for _, _, rate in timing)
-    for label, rate in [("one pass each", apart), ("one pass (`also_pooling`)", both)]:
-        rows.append(
-            [
-                f"mean + segments tables, {label}",
-                "-",
-                "-",
-                "-",
-                f"{rate:.1f}",
-                f"{rate / base_rate:.2f}x",
-            ]
-        )
+        base_seconds, base_rate = timing[0][1], timing[0][2]
+        for label, seconds, rate in timing:
+            rows.append(
+                [
+                    f"TD3+BC, frozen MiniLM, {label}" if seconds else label,
+                    batch if seconds else "-",
+                    f"{seconds * 1e3:.1f}" if seconds else "-",
+                    f"{seconds / base_seconds:.2f}x" if seconds else "-",
+                    f"{rate:.1f}",
+                    f"{rate / base_rate:.2f}x",
+                ]
+            )
     speed = table(
         [
             "encoders",
@@ -620,6 +631,7 @@ def piece_features(dataset, quick: bool) -> str:
         ],
         rows,
     )
+    obs, _ = all_observations(dataset)
     memory = []
     finrl = finrl_observations(16 if quick else 64)
     for task, data in [("hopper", obs[: 64 if quick else 512]), ("finrl", finrl)]:

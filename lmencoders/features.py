@@ -153,11 +153,12 @@ class FrozenFeatures:
         the exact bits of their scaled form; only the rest is unscaled and quantised."""
         index = self._scaled_index(scaler, x.device)
         found, pos = index.lookup(float_bits(x.detach().cpu().numpy()))
+        if found.all():  # every training batch: one gather, no masked copy
+            return self.table.gather(pos)
         out = np.empty((len(x), self.feature_size), dtype=np.float32)
         out[found] = self.table.gather(pos[found])
-        if not found.all():
-            missing = torch.from_numpy(~found).to(x.device)
-            out[~found] = self(to_raw(x[missing]).detach().cpu().numpy(), x.device, batch_size)
+        missing = torch.from_numpy(~found).to(x.device)
+        out[~found] = self(to_raw(x[missing]).detach().cpu().numpy(), x.device, batch_size)
         return out
 
     def _scaled_index(self, scaler: ObservationScaler, device: torch.device) -> RowIndex:
