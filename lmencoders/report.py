@@ -182,12 +182,21 @@ def _statistics(
             cells = _estimate_cells([task], method, values, variants)
             lines.append(f"| {name} | {method} | {seeds} | {cells} |")
     normalised = [t for n, t in sorted(tasks.items()) if t.normalised and n not in earlier]
+    compared = [BASELINE, *variants] if variants else methods
+    waiting = [t.task for t in normalised if not statistics.ready(t, compared)]
+    normalised = [t for t in normalised if t.task not in waiting]
     overall = statistics.aggregates(normalised, methods) if normalised else {}
     if overall:
+        left_out = (
+            f" Left out until {', '.join(compared)} each have {statistics.MIN_RUNS} runs there: "
+            f"{', '.join(waiting)}."
+            if waiting
+            else ""
+        )
         lines += [
             "",
             f"Over the {len(normalised)} tasks with normalised scores "
-            f"({', '.join(t.task for t in normalised)}), on the seeds every task has:",
+            f"({', '.join(t.task for t in normalised)}), on the seeds every task has.{left_out}",
             "",
             f"| method | IQM | mean | P(method > {BASELINE}) | the interval supports |",
             "|---|---|---|---|---|",

@@ -139,6 +139,13 @@ def runs(tasks: Sequence[Scores], method: str) -> int:
     return 0 if matrix is None else len(matrix)
 
 
+def ready(task: Scores, methods: Sequence[str]) -> bool:
+    """Whether every one of ``methods`` has ``MIN_RUNS`` runs on ``task``: the aggregate over
+    tasks takes the seeds every task has, so one task with a single seed would make the
+    whole aggregate a single run."""
+    return all(len(task.by_method.get(m, {})) >= MIN_RUNS for m in methods)
+
+
 def verdict(probability: Interval, method: str, baseline: str, fewest_runs: int) -> str:
     """What the interval of P(method > baseline) supports, in words; ``fewest_runs``: the
     fewer of the two methods' runs per task. Below ``MIN_RUNS`` a bootstrap interval is not

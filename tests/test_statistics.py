@@ -84,3 +84,20 @@ def test_curve_band_holds_the_mean():
     assert low[2] == high[2] == 3.0  # every run agrees: no width
     single, lo, hi = statistics.curve_band(curves[:1])
     np.testing.assert_array_equal(lo, hi)
+
+
+def test_aggregate_over_tasks_waits_for_tasks_with_too_few_runs(tmp_path):
+    from lmencoders import report
+
+    methods = ["TD3+BC", "TD3+BC LM-No-Tune"]
+    grid = rows("TD3+BC", "a", [10, 20, 30]) + rows("TD3+BC LM-No-Tune", "a", [15, 25, 35])
+    grid += rows("TD3+BC", "b", [50]) + rows("TD3+BC LM-No-Tune", "b", [5])
+    text = report._statistics(tmp_path, grid, methods)
+    overall = text[text.index("Over the") :]
+    assert overall.startswith("Over the 1 tasks with normalised scores (a)")
+    assert "3 runs there: b." in overall
+    # on task a alone, three runs each: a verdict can be read
+    assert "too few runs" not in overall.split("![intervals]")[0]
+    assert (tmp_path / "intervals.png").exists()
+    assert statistics.ready(statistics.scores_by_task(grid)["a"], methods)
+    assert not statistics.ready(statistics.scores_by_task(grid)["b"], methods)
