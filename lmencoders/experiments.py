@@ -12,6 +12,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from tqdm.auto import tqdm
 
@@ -40,16 +41,29 @@ __all__ = [
     "run_experiment",
 ]
 
-# The paper's columns, and ours: method -> (algorithm, encoder, tuning, pooling)
-METHODS: dict[str, tuple[str, str, str, str]] = {
-    "BC": ("bc", "vector", "frozen", "mean"),
-    "CQL": ("cql", "vector", "frozen", "mean"),
-    "PLAS": ("plas", "vector", "frozen", "mean"),
-    "BCQ": ("bcq", "vector", "frozen", "mean"),
-    "TD3+BC": ("td3+bc", "vector", "frozen", "mean"),
-    "TD3+BC LM-Finetune": ("td3+bc", "lm", "ln_embed", "mean"),
-    "TD3+BC LM-No-Tune": ("td3+bc", "lm", "frozen", "mean"),
-    "TD3+BC LM-Segments": ("td3+bc", "lm", "frozen", "segments"),
+
+class Method(NamedTuple):
+    """The settings of a grid column (the rest are the experiment's)."""
+
+    algo: str
+    encoder: str
+    tuning: str = "frozen"
+    pooling: str = "mean"
+    standardize_features: bool = False
+
+
+# The paper's columns, and ours (LM-Segments, LM-Standardized)
+METHODS: dict[str, Method] = {
+    "BC": Method("bc", "vector"),
+    "CQL": Method("cql", "vector"),
+    "PLAS": Method("plas", "vector"),
+    "BCQ": Method("bcq", "vector"),
+    "TD3+BC": Method("td3+bc", "vector"),
+    "TD3+BC LM-Finetune": Method("td3+bc", "lm", "ln_embed"),
+    "TD3+BC LM-No-Tune": Method("td3+bc", "lm"),
+    "TD3+BC LM-Segments": Method("td3+bc", "lm", pooling="segments"),
+    # LM-No-Tune with each feature standardised by its dataset mean and std
+    "TD3+BC LM-Standardized": Method("td3+bc", "lm", standardize_features=True),
 }
 
 # Tarasov et al. (2022), raw returns on NeoRL v1 "low" datasets with 99 trajectories.
@@ -141,7 +155,7 @@ class ExperimentConfig:
 
 
 def _train_config(config: ExperimentConfig, dataset: str, method: str, seed: int) -> TrainConfig:
-    algo, encoder, tuning, pooling = METHODS[method]
+    algo, encoder, tuning, pooling, standardize_features = METHODS[method]
     tuned = encoder == "lm" and tuning != "frozen"
     return TrainConfig(
         dataset=dataset,
@@ -150,6 +164,7 @@ def _train_config(config: ExperimentConfig, dataset: str, method: str, seed: int
         encoder=encoder,
         tuning=tuning,
         pooling=pooling,
+        standardize_features=standardize_features,
         model=config.model,
         steps=config.steps,
         eval_every=config.eval_every,
@@ -269,7 +284,11 @@ def _precompute_together(config: ExperimentConfig, dataset: str, methods: set[st
     """When a dataset's pending runs read one frozen LM with both mean and per-piece pooling
     (LM-No-Tune and LM-Segments), one LM pass fills and caches both feature tables, where
     each run would otherwise pay for its own precompute."""
-    frozen = {METHODS[m][3]: m for m in methods if METHODS[m][1:3] == ("lm", "frozen")}
+    frozen = {
+        METHODS[m].pooling: m
+        for m in methods
+        if (METHODS[m].encoder, METHODS[m].tuning) == ("lm", "frozen")
+    }
     if set(frozen) != {"mean", PIECE_POOLING}:
         return
     train_config = _train_config(config, dataset, frozen["mean"], config.seeds[0])

@@ -44,6 +44,8 @@ __all__ = [
     "embed_observations",
     "precompute_features",
     "PrecomputeReport",
+    "FeatureStatistics",
+    "feature_statistics",
 ]
 
 
@@ -296,6 +298,50 @@ def frozen_features(
                 lm.path, description, pooling=pooling, max_length=max_length, precision=precision
             )
         return _REGISTRY[key]
+
+
+# added to every standard deviation, as d3rlpy's StandardObservationScaler does: a column that
+# never varies over the data (a piece whose text is constant) is divided by this, not by zero
+STD_EPSILON = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureStatistics:
+    """Per-column mean and standard deviation (plus ``STD_EPSILON``) of a table's features over
+    a dataset's distinct observations: what ``LMEncoderFactory(standardize_features=True)``
+    standardises with."""
+
+    mean: np.ndarray  # (feature_size,) float32
+    std: np.ndarray  # (feature_size,) float32, > 0
+
+
+def feature_statistics(
+    table: FrozenFeatures, observations: np.ndarray, chunk_rows: int = 2048
+) -> FeatureStatistics:
+    """Mean and spread of ``table``'s features over the distinct rows of raw ``observations``.
+
+    Frozen LM features of one task's observations differ little: MiniLM's mean-pooled features
+    of Hopper vary by ~0.01 per dimension around offsets of ~0.1, so an MLP fed them raw must
+    grow its first-layer weights ~100x before it can read them. Rows the table lacks go through
+    the LM (precompute first); the sums run in float64 over chunks, so a per-piece table
+    (float16, up to 12,000 columns) is never held as float32 whole."""
+    observations = np.asarray(observations)
+    if observations.ndim != 2 or not len(observations):
+        raise ConfigError(
+            f"feature statistics need a (N, {table.description.size}) array of observations, "
+            f"got shape {observations.shape}"
+        )
+    _, first = np.unique(table.description.quantize(observations), axis=0, return_index=True)
+    distinct = observations[np.sort(first)]
+    total = np.zeros(table.feature_size)
+    squares = np.zeros(table.feature_size)
+    for start in range(0, len(distinct), chunk_rows):
+        chunk = table(distinct[start : start + chunk_rows]).astype(np.float64)
+        total += chunk.sum(axis=0)
+        squares += np.square(chunk).sum(axis=0)
+    mean = total / len(distinct)
+    std = np.sqrt(np.maximum(squares / len(distinct) - np.square(mean), 0.0)) + STD_EPSILON
+    return FeatureStatistics(mean.astype(np.float32), std.astype(np.float32))
 
 
 def clear_feature_caches() -> None:

@@ -26,9 +26,10 @@ __all__ = ["write_results"]
 
 def _method_of(result: dict) -> str:
     c = result["config"]
-    for method, (algo, encoder, tuning, pooling) in METHODS.items():
+    for method, (algo, encoder, tuning, pooling, standardized) in METHODS.items():
+        lm = (c["tuning"], c.get("pooling", "mean"), c.get("standardize_features", False))
         if (c["algo"], c["encoder"]) == (algo, encoder) and (
-            encoder == "vector" or (c["tuning"], c.get("pooling", "mean")) == (tuning, pooling)
+            encoder == "vector" or lm == (tuning, pooling, standardized)
         ):
             return method
     return f"{c['algo']}-{c['encoder']}-{c['tuning']}"
@@ -182,7 +183,10 @@ def _statistics(
             cells = _estimate_cells([task], method, values, variants)
             lines.append(f"| {name} | {method} | {seeds} | {cells} |")
     normalised = [t for n, t in sorted(tasks.items()) if t.normalised and n not in earlier]
-    compared = [BASELINE, *variants] if variants else methods
+    # a variant that has not run on every task yet (a new one) stays out of the aggregate,
+    # rather than shrinking it to the tasks it has reached
+    partial = [v for v in variants if not all(v in t.by_method for t in normalised)]
+    compared = [BASELINE, *(v for v in variants if v not in partial)] if variants else methods
     waiting = [t.task for t in normalised if not statistics.ready(t, compared)]
     normalised = [t for t in normalised if t.task not in waiting]
     overall = statistics.aggregates(normalised, methods) if normalised else {}
@@ -193,6 +197,8 @@ def _statistics(
             if waiting
             else ""
         )
+        if partial:
+            left_out += f" Not yet run on every task, so not in this table: {', '.join(partial)}."
         lines += [
             "",
             f"Over the {len(normalised)} tasks with normalised scores "

@@ -90,6 +90,11 @@ class TrainConfig:
         "how the LM's token states become features (segments: one per piece, frozen LM)",
         choices=sorted(POOLING_NAMES),
     )
+    standardize_features: bool = option(
+        False,
+        "standardise each frozen LM feature with its dataset mean and std (LMEncoderFactory "
+        "standardize_features)",
+    )
     model: str = option(DEFAULT_MODEL, "Hugging Face name or local directory of the LM")
     description: str | None = option(
         None, "shipped description name or YAML path (default: the task's)"
@@ -134,6 +139,11 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown pooling {self.pooling!r}; choose one of {sorted(POOLING_NAMES)}"
             )
+        if self.standardize_features and (self.encoder, self.tuning) != ("lm", "frozen"):
+            raise ConfigError(
+                "standardize_features applies to a frozen LM's features (encoder 'lm', tuning "
+                f"'frozen'), not to encoder {self.encoder!r} with tuning {self.tuning!r}"
+            )
         self.steps = positive(self.steps, "steps")
         if self.eval_every is None:  # a learning curve of five points by default
             self.eval_every = self.steps // 5 if self.steps % 5 == 0 else 0
@@ -175,8 +185,9 @@ def run_name(config: TrainConfig) -> str:
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IN_NAME} | {
         "dataset": _dataset_identity(config.dataset_source)
     }
-    if settings["curve_episodes"] is None:  # as before the setting existed: same names
-        del settings["curve_episodes"]
+    for added_later in ("curve_episodes", "standardize_features"):  # as before they existed:
+        if settings[added_later] in (None, False):  # the same names
+            del settings[added_later]
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     source = config.dataset_source
     stem = (
@@ -187,6 +198,7 @@ def run_name(config: TrainConfig) -> str:
     encoder = config.encoder
     if config.encoder == "lm":
         encoder += f"-{config.tuning}" + ("" if config.pooling == "mean" else f"-{config.pooling}")
+        encoder += "-standardized" if config.standardize_features else ""
     return f"{stem}-{config.algo}-{encoder}-seed{config.seed}-{digest}"
 
 
@@ -264,6 +276,7 @@ def lm_factory(config: TrainConfig, description: str) -> LMEncoderFactory:
         tuning=config.tuning,
         pooling=config.pooling,
         precision=config.precision,
+        standardize_features=config.standardize_features,
     )
 
 

@@ -20,7 +20,7 @@
 # Later calls on the same machine need only the datasets.
 # SECONDS: no lane starts a run after it, and lanes still running at 1.3x it are stopped.
 # SEEDS (default "0 1 2"); GPU_METHODS / CPU_METHODS, comma-separated (default
-# "TD3+BC LM-No-Tune,TD3+BC LM-Segments" / "TD3+BC"). Without .gpu (trying it out on a CPU),
+# "TD3+BC LM-No-Tune,TD3+BC LM-Segments,TD3+BC LM-Standardized" / "TD3+BC"). Without .gpu (trying it out on a CPU),
 # the installed lmencoders and MiniLM are used and every lane runs on the CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -66,7 +66,7 @@ lane() {  # task level method seed device
     > "$log" 2>&1
   echo "$(date +%T) lane $1 $2 [$3] seed $4 on $5 ended: $?"
 }
-IFS=, read -ra gpu_methods <<< "${GPU_METHODS:-TD3+BC LM-No-Tune,TD3+BC LM-Segments}"
+IFS=, read -ra gpu_methods <<< "${GPU_METHODS:-TD3+BC LM-No-Tune,TD3+BC LM-Segments,TD3+BC LM-Standardized}"
 IFS=, read -ra cpu_methods <<< "${CPU_METHODS-TD3+BC}"
 for item in "$@"; do
   for seed in ${SEEDS:-0 1 2}; do

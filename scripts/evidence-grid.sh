@@ -47,7 +47,7 @@ seeds=${LMENCODERS_SEEDS:-0 1 2 3 4}
 # bigger machine, scripts/device-grid.sh); LMENCODERS_DEVICE: their torch device;
 # LMENCODERS_CLI: how to call lmencoders ("python3 -m lmencoders" where it travels as source);
 # LMENCODERS_STEPS: fewer steps, only to try a script out (other runs: not the grid's)
-IFS=, read -ra methods <<< "${LMENCODERS_METHODS:-TD3+BC,TD3+BC LM-No-Tune,TD3+BC LM-Segments}"
+IFS=, read -ra methods <<< "${LMENCODERS_METHODS:-TD3+BC,TD3+BC LM-No-Tune,TD3+BC LM-Segments,TD3+BC LM-Standardized}"
 read -ra cli <<< "${LMENCODERS_CLI:-lmencoders}"
 budget+=(${LMENCODERS_DEVICE:+--device "$LMENCODERS_DEVICE"})
 steps=${LMENCODERS_STEPS:-30000}

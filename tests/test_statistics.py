@@ -101,3 +101,25 @@ def test_aggregate_over_tasks_waits_for_tasks_with_too_few_runs(tmp_path):
     assert (tmp_path / "intervals.png").exists()
     assert statistics.ready(statistics.scores_by_task(grid)["a"], methods)
     assert not statistics.ready(statistics.scores_by_task(grid)["b"], methods)
+
+
+def test_a_variant_that_has_not_reached_every_task_stays_out_of_the_aggregate(tmp_path):
+    """A new LM variant run on one task so far would otherwise leave the aggregate only the
+    tasks it has reached; it is named instead, and joins once it has run everywhere."""
+    from lmencoders import report
+
+    methods = ["TD3+BC", "TD3+BC LM-No-Tune", "TD3+BC LM-Standardized"]
+    grid = []
+    for task in ("a", "b"):
+        grid += rows("TD3+BC", task, [10, 20, 30]) + rows("TD3+BC LM-No-Tune", task, [15, 25, 35])
+    grid += rows("TD3+BC LM-Standardized", "a", [40, 50, 60])
+    overall = report._statistics(tmp_path, grid, methods)
+    overall = overall[overall.index("Over the") :].split("![intervals]")[0]
+    assert overall.startswith("Over the 2 tasks with normalised scores (a, b)")
+    assert "Not yet run on every task, so not in this table: TD3+BC LM-Standardized." in overall
+    assert "| TD3+BC LM-Standardized |" not in overall
+    grid += rows("TD3+BC LM-Standardized", "b", [40])  # everywhere now, too few runs on b
+    overall = report._statistics(tmp_path, grid, methods)
+    overall = overall[overall.index("Over the") :].split("![intervals]")[0]
+    assert overall.startswith("Over the 1 tasks with normalised scores (a)")
+    assert "| TD3+BC LM-Standardized |" in overall

@@ -191,6 +191,12 @@ def test_run_names_stay_when_settings_are_added():
     assert run_name(segments).endswith("-segments-seed1-6db62bb8")
     with_curve = TrainConfig(dataset=earlier, steps=100, eval_every=50, seed=3, curve_episodes=1)
     assert not run_name(with_curve).endswith("e0be2fca")
+    standardized = TrainConfig(
+        dataset=earlier, steps=100, eval_every=50, seed=3, standardize_features=True
+    )
+    assert run_name(standardized).startswith("Hopper-v5-medium-30-train-td3+bc-lm-frozen-")
+    assert "-standardized-seed3-" in run_name(standardized)
+    assert not run_name(standardized).endswith("e0be2fca")
 
 
 def test_plas_trains_its_policy_in_the_second_half_of_a_short_run(data_file, tmp_path):
