@@ -137,26 +137,27 @@ def finrl_observations(n: int, seed: int = 0) -> np.ndarray:
 
 
 class PassCounter:
-    """Counts texts and calls that reach the LM (wraps LanguageModel.encode, calls through)."""
+    """Counts texts and calls that reach the LM (wraps LanguageModel.encode_prepared, which
+    every LM pass goes through: ``encode`` and the tuned encoders' prepared batches)."""
 
     def __init__(self) -> None:
         self.calls = 0
         self.texts = 0
-        self._original = LanguageModel.encode
+        self._original = LanguageModel.encode_prepared
 
     def __enter__(self) -> PassCounter:
         counter, original = self, self._original
 
-        def counting(lm, segments, *args, **kwargs):
+        def counting(lm, prepared, *args, **kwargs):
             counter.calls += 1
-            counter.texts += len(segments)
-            return original(lm, segments, *args, **kwargs)
+            counter.texts += len(prepared.inverse)
+            return original(lm, prepared, *args, **kwargs)
 
-        LanguageModel.encode = counting
+        LanguageModel.encode_prepared = counting
         return self
 
     def __exit__(self, *exc) -> None:
-        LanguageModel.encode = self._original
+        LanguageModel.encode_prepared = self._original
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -248,6 +249,15 @@ def update_time(dataset, quick: bool) -> str:
         cheap_updates,
         base_small,
     )
+    standardized = lmencoders.LMEncoderFactory(description="hopper", standardize_features=True)
+    standardized.precompute(dataset, cache_dir=False, show_progress=False)
+    add(
+        "LM frozen, cached, standardize_features",
+        td3(dataset, standardized, small),
+        small,
+        cheap_updates,
+        base_small,
+    )
     uncached = td3(
         dataset, lmencoders.LMEncoderFactory(description="hopper", max_length=255), small
     )
@@ -288,6 +298,13 @@ def update_time(dataset, quick: bool) -> str:
     add(
         "LM frozen, cached (precomputed)",
         td3(dataset, frozen, large),
+        large,
+        cheap_updates,
+        base_large,
+    )
+    add(
+        "LM frozen, cached, standardize_features",
+        td3(dataset, standardized, large),
         large,
         cheap_updates,
         base_large,
