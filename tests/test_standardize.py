@@ -75,8 +75,10 @@ def test_training_without_the_statistics_is_a_clear_error(tiny_lm, hopper_datase
         fit(algo, hopper_dataset, steps=1)
 
 
-def test_a_saved_model_keeps_the_statistics(tiny_lm, hopper_dataset, tmp_path):
-    factory = standardized(tiny_lm)
+@pytest.mark.parametrize("pooling", ["mean", "segments"])
+def test_a_saved_model_keeps_the_statistics(pooling, tiny_lm, hopper_dataset, tmp_path):
+    """Per-piece tables are standardised per column too (each piece's own statistics)."""
+    factory = standardized(tiny_lm, pooling=pooling)
     factory.precompute(hopper_dataset, cache_dir=False)
     algo = build(ALGORITHMS["td3+bc"], factory)
     fit(algo, hopper_dataset, steps=3)
