@@ -424,7 +424,7 @@ class LMEncoderFactory(EncoderFactory):
         # the dataset's feature statistics (precompute) and the encoders that use them: not
         # config fields; a saved model keeps the statistics in its encoders' buffers
         self._statistics: FeatureStatistics | None = None
-        self._standardized: weakref.WeakSet[TextFeatures] = weakref.WeakSet()
+        self._built_encoders: weakref.WeakSet[TextFeatures] = weakref.WeakSet()
         check_precision(self.precision)
         self.readout_queries = positive(self.readout_queries, "readout_queries")
         self.readout_dim = positive(self.readout_dim, "readout_dim")
@@ -440,11 +440,11 @@ class LMEncoderFactory(EncoderFactory):
 
     def __getstate__(self) -> dict[str, Any]:
         # the encoders built so far live in this process; a copy starts with none
-        return {k: v for k, v in self.__dict__.items() if k != "_standardized"}
+        return {k: v for k, v in self.__dict__.items() if k != "_built_encoders"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._standardized = weakref.WeakSet()
+        self._built_encoders = weakref.WeakSet()
 
     @staticmethod
     def get_type() -> str:
@@ -480,7 +480,7 @@ class LMEncoderFactory(EncoderFactory):
             standardize=self.standardize_features,
         )
         if self.standardize_features:
-            self._standardized.add(features)
+            self._built_encoders.add(features)
             if self._statistics is not None:
                 features.set_statistics(self._statistics)
         return features
@@ -587,7 +587,7 @@ class LMEncoderFactory(EncoderFactory):
                 precision=self.precision,
             )
             self._statistics = feature_statistics(table, observations)
-            for features in self._standardized:
+            for features in self._built_encoders:
                 features.set_statistics(self._statistics)
         return report
 
