@@ -26,10 +26,12 @@ __all__ = ["write_results"]
 
 def _method_of(result: dict) -> str:
     c = result["config"]
-    for method, (algo, encoder, tuning, pooling, standardized) in METHODS.items():
+    for method, (algo, encoder, tuning, pooling, standardized, samples) in METHODS.items():
         lm = (c["tuning"], c.get("pooling", "mean"), c.get("standardize_features", False))
-        if (c["algo"], c["encoder"]) == (algo, encoder) and (
-            encoder == "vector" or lm == (tuning, pooling, standardized)
+        if (
+            (c["algo"], c["encoder"]) == (algo, encoder)
+            and c.get("action_samples") == samples
+            and (encoder == "vector" or lm == (tuning, pooling, standardized))
         ):
             return method
     return f"{c['algo']}-{c['encoder']}-{c['tuning']}"

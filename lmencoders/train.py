@@ -95,6 +95,11 @@ class TrainConfig:
         "standardise each frozen LM feature with its dataset mean and std (LMEncoderFactory "
         "standardize_features)",
     )
+    action_samples: int | None = option(
+        None,
+        "actions sampled per state by algorithms that sample them (BCQ, CQL, AWAC; default: "
+        "d3rlpy's, 100 for BCQ where the BCQ paper uses 10)",
+    )
     model: str = option(DEFAULT_MODEL, "Hugging Face name or local directory of the LM")
     description: str | None = option(
         None, "shipped description name or YAML path (default: the task's)"
@@ -144,6 +149,14 @@ class TrainConfig:
                 "standardize_features applies to a frozen LM's features (encoder 'lm', tuning "
                 f"'frozen'), not to encoder {self.encoder!r} with tuning {self.tuning!r}"
             )
+        if self.action_samples is not None:
+            self.action_samples = positive(self.action_samples, "action_samples")
+            if not _samples_actions(self.algo):
+                samplers = sorted(a for a in ALGORITHMS if _samples_actions(a))
+                raise ConfigError(
+                    f"action_samples applies to algorithms that sample actions ({samplers}), "
+                    f"not to {self.algo!r}"
+                )
         self.steps = positive(self.steps, "steps")
         if self.eval_every is None:  # a learning curve of five points by default
             self.eval_every = self.steps // 5 if self.steps % 5 == 0 else 0
@@ -179,14 +192,19 @@ def _dataset_identity(source: str) -> str:
     return source
 
 
+def _samples_actions(algo: str) -> bool:
+    return any(f.name == "n_action_samples" for f in dataclasses.fields(ALGORITHMS[algo]))
+
+
 def run_name(config: TrainConfig) -> str:
     """The run's folder name: dataset, algorithm, encoder (and tuning), seed, and a hash of
     every other setting that decides what the run learns."""
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IN_NAME} | {
         "dataset": _dataset_identity(config.dataset_source)
     }
-    for added_later in ("curve_episodes", "standardize_features"):  # as before they existed:
-        if settings[added_later] in (None, False):  # the same names
+    # settings added later: as before they existed, the same names
+    for added_later in ("curve_episodes", "standardize_features", "action_samples"):
+        if settings[added_later] in (None, False):
             del settings[added_later]
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     source = config.dataset_source
@@ -199,7 +217,8 @@ def run_name(config: TrainConfig) -> str:
     if config.encoder == "lm":
         encoder += f"-{config.tuning}" + ("" if config.pooling == "mean" else f"-{config.pooling}")
         encoder += "-standardized" if config.standardize_features else ""
-    return f"{stem}-{config.algo}-{encoder}-seed{config.seed}-{digest}"
+    algo = config.algo + (f"-{config.action_samples}samples" if config.action_samples else "")
+    return f"{stem}-{algo}-{encoder}-seed{config.seed}-{digest}"
 
 
 def _attempts(out_dir: Path, name: str) -> list[Path]:
@@ -260,6 +279,8 @@ def _algorithm(config: TrainConfig, description: str) -> tuple[Any, LMEncoderFac
         # 1M-step protocol it comes from), so at any shorter run its actor and critics would
         # never train. Keep the protocol's split: the VAE alone for the first half of the run.
         kwargs["warmup_steps"] = config.steps // 2
+    if config.action_samples is not None:
+        kwargs["n_action_samples"] = config.action_samples
     factory = None
     if config.encoder == "lm":
         factory = lm_factory(config, description)

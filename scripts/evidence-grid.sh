@@ -4,10 +4,11 @@
 #
 #   scripts/evidence-grid.sh collect  TASK   # TASK: Hopper-v5 Walker2d-v5 HalfCheetah-v5 finance
 #   scripts/evidence-grid.sh train    TASK   # TD3+BC and its LM variants, 5 seeds, 30k steps
-#   scripts/evidence-grid.sh baselines TASK  # BC CQL PLAS BCQ, 3 seeds, 10k steps
-#     (LMENCODERS_BASELINES="BC PLAS" for the two this CPU affords: a BCQ update samples 100
-#     actions per state, ~1.5 s a step here beside two other runs, CQL 10 per state;
-#     scripts/device-baselines.sh runs those two on a lent GPU machine)
+#   scripts/evidence-grid.sh baselines TASK  # BC CQL PLAS BCQ-10, 3 seeds, 10k steps
+#     (BCQ-10: BCQ with the BCQ paper's 10 sampled actions per state, 0.05 s an update on one
+#     thread here; d3rlpy's default BCQ samples 100, 0.53 s, and runs on a lent GPU machine,
+#     scripts/device-baselines.sh; CQL 0.20 s, all three beside two other runs;
+#     LMENCODERS_BASELINES picks some, e.g. "CQL")
 #   scripts/evidence-grid.sh report          # RESULTS.md from every finished run
 #   scripts/evidence-grid.sh status          # per task: runs finished / to continue / to start
 #
@@ -93,7 +94,7 @@ case "$stage" in
     ;;
   baselines)
     nice -n 5 "${cli[@]}" experiment --datasets $(datasets) --out experiments/grid \
-      --methods ${LMENCODERS_BASELINES:-BC CQL PLAS BCQ} --seeds 0 1 2 --steps 10000 --eval-every 5000 \
+      --methods ${LMENCODERS_BASELINES:-BC CQL PLAS BCQ-10} --seeds 0 1 2 --steps 10000 --eval-every 5000 \
       --eval-episodes "${EPISODES[$task]}" "${ledger[@]}" "${budget[@]}"
     ;;
   status)

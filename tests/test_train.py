@@ -3,6 +3,7 @@ code, one cache entry per dataset, progress and cost shown (real d3rlpy, real Mu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from conftest import neorl_arrays, quick_run
 
 from lmencoders.cli import main
+from lmencoders.errors import ConfigError
 from lmencoders.saving import load_model
 from lmencoders.train import TrainConfig, evaluate, run_name, train
 
@@ -76,8 +78,6 @@ def test_different_settings_go_to_different_folders(data_file, tmp_path):
     ],
 )
 def test_bad_sizes_are_refused_before_anything_is_written(data_file, tmp_path, changes, message):
-    from lmencoders.errors import ConfigError
-
     with pytest.raises(ConfigError, match=message):
         config(data_file, tmp_path, **changes)
     flag = "--" + next(iter(changes)).replace("_", "-")
@@ -170,8 +170,6 @@ def test_tensorboard_logs_are_nested_once(data_file, tmp_path):
 
 
 def test_evaluate_function_validates_its_episode_count(data_file, tmp_path):
-    from lmencoders.errors import ConfigError
-
     algo = load_model(tmp_path / train(config(data_file, tmp_path))["run"])
     with pytest.raises(ConfigError, match="episodes must be a positive integer"):
         evaluate(algo, "Hopper-v5", 0)
@@ -208,3 +206,28 @@ def test_plas_trains_its_policy_in_the_second_half_of_a_short_run(data_file, tmp
     assert params["config"]["params"]["warmup_steps"] == 5
     actor_losses = (folder / "actor_loss.csv").read_text().splitlines()
     assert [int(line.split(",")[1]) for line in actor_losses] == [10]
+
+
+def test_bcq_samples_as_many_actions_as_asked_and_its_name_says_so(data_file, tmp_path):
+    """d3rlpy's BCQ samples 100 actions per state, 10x the BCQ paper, and costs ~0.5 s an
+    update on one CPU thread: ``action_samples`` sets the number, and the run, its name and
+    its grid method (BCQ-10) keep it apart from d3rlpy's default."""
+    from lmencoders.report import _method_of
+
+    result = train(
+        config(data_file, tmp_path, algo="bcq", steps=4, eval_every=0, action_samples=10)
+    )
+    assert "-bcq-10samples-vector-seed0-" in result["run"]
+    params = json.loads((tmp_path / result["run"] / "params.json").read_text())
+    assert params["config"]["params"]["n_action_samples"] == 10
+    assert _method_of(result) == "BCQ-10"
+    default = config(data_file, tmp_path, algo="bcq")
+    assert "-bcq-vector-" in run_name(default)
+    assert _method_of({"config": dataclasses.asdict(default)}) == "BCQ"
+
+
+def test_action_samples_of_an_algorithm_that_samples_none_is_refused(data_file, tmp_path):
+    with pytest.raises(ConfigError, match=r"action_samples applies to .*'bcq'.*not to 'td3\+bc'"):
+        config(data_file, tmp_path, action_samples=10)
+    with pytest.raises(ConfigError, match="action_samples must be a positive integer"):
+        config(data_file, tmp_path, algo="cql", action_samples=0)
