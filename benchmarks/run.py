@@ -868,6 +868,28 @@ def cpu_precision(dataset, quick: bool) -> str:
     )
 
 
+def baseline_updates(dataset, quick: bool) -> str:
+    batch_size, updates = (64, 3) if quick else (256, 20)
+    configs = {
+        "TD3+BC": d3rlpy.algos.TD3PlusBCConfig(batch_size=batch_size),
+        "CQL (d3rlpy's 10 sampled actions)": d3rlpy.algos.CQLConfig(batch_size=batch_size),
+        "BCQ (d3rlpy's 100 sampled actions)": d3rlpy.algos.BCQConfig(batch_size=batch_size),
+        "BCQ-10 (the BCQ paper's 10)": d3rlpy.algos.BCQConfig(
+            batch_size=batch_size, n_action_samples=10
+        ),
+    }
+    rows, baseline = [], None
+    for name, config in configs.items():
+        algo = config.create(device="cpu")
+        algo.build_with_dataset(dataset)
+        algo.update(dataset.sample_transition_batch(batch_size))  # first-call allocations
+        batches = [dataset.sample_transition_batch(batch_size) for _ in range(updates)]
+        seconds = median_seconds(lambda a=algo, b=batches: a.update(b.pop()), updates)
+        baseline = baseline or seconds
+        rows.append([name, f"{seconds * 1e3:.1f}", f"{seconds / baseline:.1f}x"])
+    return table([f"update, batch {batch_size}", "ms", "vs TD3+BC"], rows)
+
+
 def machine() -> str:
     return (
         f"{processor_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
@@ -961,6 +983,13 @@ def main() -> None:
             "slower than float32 for MiniLM (benchmarks/gpu.md); on a CPU it depends on whether "
             "the CPU has bfloat16 instructions. Features stay float32 either way, and a "
             "bfloat16 table is cached apart from the float32 one.",
+        ),
+        (
+            "12. Baseline updates",
+            baseline_updates,
+            "The vector baselines that sample actions per state, against TD3+BC; medians over "
+            "20 updates. The evidence grid runs BCQ-10 on CPU (`--action-samples 10`, grid "
+            "method BCQ-10) and d3rlpy's BCQ only on a lent GPU.",
         ),
     ]
     parts = []
