@@ -869,7 +869,7 @@ def cpu_precision(dataset, quick: bool) -> str:
 
 
 def baseline_updates(dataset, quick: bool) -> str:
-    batch_size, updates = (64, 3) if quick else (256, 20)
+    batch_size, updates = (64, 3) if quick else (256, 60)
     configs = {
         "TD3+BC": d3rlpy.algos.TD3PlusBCConfig(batch_size=batch_size),
         "CQL (d3rlpy's 10 sampled actions)": d3rlpy.algos.CQLConfig(batch_size=batch_size),
@@ -882,9 +882,7 @@ def baseline_updates(dataset, quick: bool) -> str:
     for name, config in configs.items():
         algo = config.create(device="cpu")
         algo.build_with_dataset(dataset)
-        algo.update(dataset.sample_transition_batch(batch_size))  # first-call allocations
-        batches = [dataset.sample_transition_batch(batch_size) for _ in range(updates)]
-        seconds = median_seconds(lambda a=algo, b=batches: a.update(b.pop()), updates)
+        seconds, _ = time_updates(algo, dataset, batch_size, updates)
         baseline = baseline or seconds
         rows.append([name, f"{seconds * 1e3:.1f}", f"{seconds / baseline:.1f}x"])
     return table([f"update, batch {batch_size}", "ms", "vs TD3+BC"], rows)
@@ -987,8 +985,8 @@ def main() -> None:
         (
             "12. Baseline updates",
             baseline_updates,
-            "The vector baselines that sample actions per state, against TD3+BC; medians over "
-            "20 updates. The evidence grid runs BCQ-10 on CPU (`--action-samples 10`, grid "
+            "The vector baselines that sample actions per state, against TD3+BC; the mean over "
+            "60 updates. The evidence grid runs BCQ-10 on CPU (`--action-samples 10`, grid "
             "method BCQ-10) and d3rlpy's BCQ only on a lent GPU.",
         ),
     ]

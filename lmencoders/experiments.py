@@ -59,8 +59,8 @@ METHODS: dict[str, Method] = {
     "CQL": Method("cql", "vector"),
     "PLAS": Method("plas", "vector"),
     "BCQ": Method("bcq", "vector"),
-    # BCQ with the BCQ paper's 10 sampled actions per state (d3rlpy's default, 100, costs
-    # ~0.5 s an update on one CPU thread, 10x this)
+    # BCQ with the BCQ paper's 10 sampled actions per state (d3rlpy's default, 100, makes an
+    # update ~8.5x as long on CPU: benchmarks/README.md, section 12)
     "BCQ-10": Method("bcq", "vector", action_samples=10),
     "TD3+BC": Method("td3+bc", "vector"),
     "TD3+BC LM-Finetune": Method("td3+bc", "lm", "ln_embed"),

@@ -5,10 +5,9 @@
 #   scripts/evidence-grid.sh collect  TASK   # TASK: Hopper-v5 Walker2d-v5 HalfCheetah-v5 finance
 #   scripts/evidence-grid.sh train    TASK   # TD3+BC and its LM variants, 5 seeds, 30k steps
 #   scripts/evidence-grid.sh baselines TASK  # BC CQL PLAS BCQ-10, 3 seeds, 10k steps
-#     (BCQ-10: BCQ with the BCQ paper's 10 sampled actions per state, 0.05 s an update on one
-#     thread here; d3rlpy's default BCQ samples 100, 0.53 s, and runs on a lent GPU machine,
-#     scripts/device-baselines.sh; CQL 0.20 s, all three beside two other runs;
-#     LMENCODERS_BASELINES picks some, e.g. "CQL")
+#     (BCQ-10: BCQ with the BCQ paper's 10 sampled actions per state; d3rlpy's default BCQ
+#     samples 100, an update ~8.5x as long on CPU (benchmarks/README.md, section 12), and runs on
+#     a lent GPU machine, scripts/device-baselines.sh; LMENCODERS_BASELINES picks some, e.g. "CQL")
 #   scripts/evidence-grid.sh report          # RESULTS.md from every finished run
 #   scripts/evidence-grid.sh status          # per task: runs finished / to continue / to start
 #

@@ -209,9 +209,9 @@ def test_plas_trains_its_policy_in_the_second_half_of_a_short_run(data_file, tmp
 
 
 def test_bcq_samples_as_many_actions_as_asked_and_its_name_says_so(data_file, tmp_path):
-    """d3rlpy's BCQ samples 100 actions per state, 10x the BCQ paper, and costs ~0.5 s an
-    update on one CPU thread: ``action_samples`` sets the number, and the run, its name and
-    its grid method (BCQ-10) keep it apart from d3rlpy's default."""
+    """d3rlpy's BCQ samples 100 actions per state, 10x the BCQ paper, and its update takes
+    ~8.5x as long on CPU: ``action_samples`` sets the number, and the run, its name and its
+    grid method (BCQ-10) keep it apart from d3rlpy's default."""
     from lmencoders.report import _method_of
 
     result = train(
