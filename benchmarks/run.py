@@ -35,10 +35,10 @@ from lmencoders.backbone import DEFAULT_MODEL, LanguageModel, language_model
 from lmencoders.encoders import TextFeatures
 from lmencoders.envs import FinRLEnv, episode_returns, make_env
 from lmencoders.features import clear_feature_caches, frozen_features
+from lmencoders.machine import processor_name
 from lmencoders.resume import CHECKPOINT, save_checkpoint
 from lmencoders.table import FeatureTable
 from lmencoders.tokens import TokenCache, tokenize_texts
-from lmencoders.train import processor_name
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -9,7 +9,9 @@ Each stage leaves finished files behind and is skipped when they exist, so an in
 resumes; every file is written to a temporary name and renamed, so nothing half-written ever
 looks complete. ``--policies DIR`` keeps what remakes the files without SAC (the checkpoint list
 and each level's policy, the policy network alone) in a small folder to commit: SAC takes hours
-on a CPU, a rollout from a kept policy minutes, and it makes the same files.
+on a CPU, a rollout from a kept policy minutes. It makes the same files on the same CPU and
+package versions (``made_on`` in ``collect.json``); elsewhere float rounding differs, a MuJoCo
+episode grows the difference, and the files are another draw of the same protocol.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .datasets import read_neorl_file
 from .envs import episode_returns, kept_positions, make_env
 from .errors import ConfigError
 from .files import atomic_write
+from .machine import made_on
 from .options import option
 from .saving import load_model, save_model, save_policy
 
@@ -80,7 +83,8 @@ class CollectConfig:
     policies_dir: str | None = option(
         None,
         "a folder (commit it) that keeps the SAC checkpoint list and each level's policy; when "
-        "it holds them, the same command remakes the same files without training SAC",
+        "it holds them, the same command remakes the files without training SAC (the same files "
+        "on the same CPU and package versions)",
         flag="--policies",
     )
 
@@ -390,6 +394,7 @@ def collect(config: CollectConfig, command: str = "") -> dict:
                 checkpoint["step"],
                 config.sample_probability,
             )
+            made = before.get("made_on")
             if not (path.is_file() and same_policy):  # new, or made from another policy
                 env = make_env(task)
                 seed = config.seed + 1_000_000 * (1 + offset) + 100_000 * config.levels.index(level)
@@ -402,6 +407,7 @@ def collect(config: CollectConfig, command: str = "") -> dict:
                     seed=seed,
                 )
                 atomic_write(path, lambda f, d=data: np.savez_compressed(f, **d))
+                made = made_on()
             returns = read_neorl_file(path).returns()
             record["datasets"][name] = {
                 "level": level,
@@ -412,6 +418,7 @@ def collect(config: CollectConfig, command: str = "") -> dict:
                 "trajectories": int(len(returns)),
                 "mean_return": float(returns.mean()),
                 "std_return": float(returns.std()),
+                "made_on": made,  # another CPU or version rolls out other trajectories
             }
             print(
                 f"{name}: {len(returns)} trajectories, return {returns.mean():.1f} "

@@ -403,6 +403,7 @@ def _provenance(
             f"best SAC return {entry['best_sac_return']:.1f}, {entry['level']} "
             f"policy from SAC step {entry['policy_step']}; {entry['trajectories']} trajectories, "
             f"return {entry['mean_return']:.1f} +- {entry['std_return']:.1f}"
+            + (f"; made on {entry['made_on']}" if entry.get("made_on") else "")
         )
     if ledger is not None:
         ledger.add_datasets(found)
@@ -425,6 +426,7 @@ def _collected(path: Path) -> dict | None:
         "trajectories": made["trajectories"],
         "mean_return": made["mean_return"],
         "std_return": made["std_return"],
+        "made_on": made.get("made_on"),
     }
 
 

@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import platform
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +31,7 @@ from .encoders import LMEncoderFactory
 from .envs import description_for, episode_returns, make_env, normalized_score
 from .errors import ConfigError
 from .files import atomic_write
+from .machine import processor_name
 from .options import option
 from .resume import (
     CHECKPOINT,
@@ -388,17 +388,6 @@ class ReturnEvaluator:
         if self.every:  # the learning curve, as it grows
             print(f"step {self.done * self.every}: {evaluation_text(self.last)}", flush=True)
         return self.last["mean_return"]
-
-
-def processor_name() -> str:
-    """The CPU's model name (Linux), else what ``platform`` knows."""
-    with contextlib.suppress(OSError, StopIteration):
-        return next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    return platform.processor() or platform.machine()
 
 
 def hardware(device: str) -> str:

@@ -25,7 +25,8 @@
 # machine that is reset takes them along); each finished run's record goes to the ledger,
 # results/grid/ (commit it), from which the report is made and which the grid skips; the
 # behaviour policies go to results/grid/policies/<task>/, from which the same collect command
-# remakes the same files in minutes, without SAC.
+# remakes the files in minutes, without SAC: the same files on the same CPU and package versions
+# (collect.json's made_on), another draw elsewhere (MuJoCo grows a rounding difference).
 # RESULTS.md lists each dataset with its md5 and the command that made it.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lmencoders.cli import main
 from lmencoders.collect import pick_policies
 from lmencoders.datasets import read_neorl_file
 from lmencoders.errors import ConfigError
+from lmencoders.machine import made_on
 from lmencoders.saving import load_model
 
 
@@ -69,6 +71,9 @@ def test_collect_writes_neorl_files_and_a_record(collected):
         data = read_neorl_file(out / name)
         assert data.obs.shape[1] == 12 and data.reward.shape[1] == 1  # NeoRL layout
         assert record["datasets"][name]["mean_return"] == pytest.approx(data.returns().mean())
+        # another CPU or package version makes other trajectories: the record names both
+        assert record["datasets"][name]["made_on"] == made_on()
+        assert f"torch {torch.__version__.split('+')[0]}" in made_on()
     assert not list(out.rglob("*.tmp"))
 
 
@@ -121,8 +126,10 @@ def test_collect_skips_finished_stages(collected):
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.npz")}
     stamps |= {p: p.stat().st_mtime_ns for p in out.rglob("model.*")}
     assert len(stamps) > 4
+    record = json.loads((out / "collect.json").read_text())
     assert main(args) == 0
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    assert json.loads((out / "collect.json").read_text())["datasets"] == record["datasets"]
 
 
 def test_collect_remakes_a_file_recorded_from_another_policy(collected):
@@ -590,6 +597,7 @@ def test_a_ledger_keeps_the_grid_after_its_run_folders_are_gone(
     report = ["report", "--out", "exp", "--results", "RESULTS.md", "--ledger", "ledger"]
     assert main(grid) == 0 and main(report) == 0
     before = Path("RESULTS.md").read_text()
+    assert f"; made on {made_on()}\n" in before
     pictures = sorted(p.name for p in Path("results").glob("*.png"))
     assert "explain-Hopper-v5-low-3-train-td3-bc-lm-no-tune.png" in pictures
     records = sorted(Path("ledger/runs").glob("*.json"))
