@@ -56,7 +56,9 @@ def _records(out: Path, ledger: Ledger | None) -> tuple[list[tuple[Path, dict]],
     """The runs to report, each as (its folder under ``out``, which may be gone, and its
     record), and, by run, the md5 of the data of the runs that learned from another draw of
     their dataset file than the one here. With a ledger, the finished run folders' records go
-    into it first and the report reads the whole ledger."""
+    into it first and the report reads the whole ledger, and a file that is not here is the
+    draw the ledger holds as current (so a report made without the data, on a fresh clone,
+    still keeps the draws apart)."""
     records = [run_record(folder, result) for folder, result in _finished_runs(out)]
     if ledger is not None:
         for record in records:
@@ -67,11 +69,17 @@ def _records(out: Path, ledger: Ledger | None) -> tuple[list[tuple[Path, dict]],
     for record in records:
         path = record["config"]["dataset"]
         if path not in here:
-            here[path] = dataset_md5(path)
+            here[path] = dataset_md5(path) or _current_md5(path, ledger)
         learned_from = record.get("dataset_md5")
         if learned_from and here[path] and learned_from != here[path]:
             earlier[record["run"]] = learned_from
     return [(out / "runs" / r["run"], r) for r in records], earlier
+
+
+def _current_md5(path: str, ledger: Ledger | None) -> str | None:
+    """The md5 of the draw of dataset file ``path`` that the ledger holds as current."""
+    entry = ledger.dataset(Path(path).name) if ledger is not None else None
+    return entry.get("md5") if entry else None
 
 
 def _label(result: dict, earlier: dict[str, str]) -> str:

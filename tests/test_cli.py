@@ -629,6 +629,12 @@ def test_a_ledger_keeps_the_grid_after_its_run_folders_are_gone(
     assert "| Hopper-v5-low-3-train (earlier draw 00000000) | 3 | TD3+BC |" in text
     assert f"- `{dataset.name}` (earlier draw 00000000) (md5 {'0' * 32}): `lmencoders" in text
     assert kept.dataset(dataset.name, "0" * 32) == drawn  # the file here is recorded again
+    away = dataset.rename(tmp_path / "away.npz")  # a fresh clone: the ledger names the draws
+    try:
+        assert main(report) == 0
+    finally:
+        away.rename(dataset)
+    assert Path("RESULTS.md").read_text() == text
     capsys.readouterr()
     assert main(grid + ["--dry-run"]) == 0
     assert "finished 1, running 0, to continue 0, to start 1" in capsys.readouterr().out
