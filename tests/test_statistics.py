@@ -53,6 +53,25 @@ def test_probability_of_improvement_is_the_share_of_winning_pairs():
     assert 0.0 <= result.low <= result.point <= result.high <= 1.0
 
 
+def test_the_numpy_metrics_give_rliables_numbers():
+    """The bootstrap calls these instead of rliable's metrics (for speed): same numbers, ties
+    and uneven run counts included."""
+    from rliable import metrics
+
+    rng = np.random.default_rng(0)
+    for runs_x, runs_y, tasks in [(3, 3, 1), (5, 3, 4), (4, 6, 2), (1, 2, 3)]:
+        x = rng.integers(0, 4, size=(runs_x, tasks)).astype(float)  # few values: many ties
+        y = rng.integers(0, 4, size=(runs_y, tasks)).astype(float)
+        assert statistics.probability_of_improvement(x, y) == pytest.approx(
+            metrics.probability_of_improvement(x, y), abs=1e-12
+        )
+        assert statistics.probability_of_improvement(x, x) == pytest.approx(0.5)
+        scores = rng.normal(size=(runs_x, tasks))
+        assert statistics.interquartile_mean(scores) == pytest.approx(
+            metrics.aggregate_iqm(scores), abs=1e-12
+        )
+
+
 def test_verdict_words_follow_the_interval():
     clear = statistics.scores_by_task(
         rows("LM", "t", [10, 11, 12, 13, 14]) + rows("TD3+BC", "t", [0, 1, 2, 3, 4])
