@@ -26,6 +26,7 @@ __all__ = [
     "verdict",
     "curve_band",
     "interquartile_mean",
+    "iqm_and_mean",
     "probability_of_improvement",
 ]
 
@@ -113,12 +114,9 @@ def aggregates(tasks: Sequence[Scores], methods: Sequence[str]) -> dict[str, dic
     if not matrices:
         return {}
 
-    def func(x: np.ndarray) -> np.ndarray:
-        return np.array([interquartile_mean(x), x.mean(axis=0).mean()])  # rliable's mean
-
     return {
         method: dict(zip(("IQM", "mean"), values))
-        for method, values in _intervals(matrices, func).items()
+        for method, values in _intervals(matrices, iqm_and_mean).items()
     }
 
 
@@ -143,6 +141,12 @@ def interquartile_mean(scores: np.ndarray) -> float:
     ordered = np.sort(scores, axis=None)
     cut = int(0.25 * ordered.size)
     return float(ordered[cut : ordered.size - cut].mean())
+
+
+def iqm_and_mean(scores: np.ndarray) -> np.ndarray:
+    """rliable's ``aggregate_iqm`` and ``aggregate_mean`` (mean over runs, then tasks) of
+    (runs x tasks) scores: the pair :func:`aggregates` bootstraps."""
+    return np.array([interquartile_mean(scores), scores.mean(axis=0).mean()])
 
 
 def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> float:

@@ -70,6 +70,11 @@ def test_the_numpy_metrics_give_rliables_numbers():
         assert statistics.interquartile_mean(scores) == pytest.approx(
             metrics.aggregate_iqm(scores), abs=1e-12
         )
+        np.testing.assert_allclose(
+            statistics.iqm_and_mean(scores),
+            [metrics.aggregate_iqm(scores), metrics.aggregate_mean(scores)],
+            atol=1e-12,
+        )
 
 
 def test_verdict_words_follow_the_interval():
