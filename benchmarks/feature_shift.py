@@ -5,10 +5,10 @@ std, as d3rlpy does for observations; on HalfCheetah and FinRL it ended below TD
 seed. results/notes.md's hypothesis: the columns vary so little over the data (std ~0.012) that
 standardising multiplies them ~80x, and with them the feature changes that states outside the
 data bring. This measures it: a trained policy is rolled out, and the states it visits are
-scored in the z-units the critic reads, for the standardised observations (d3rlpy's scaler)
-and for the standardised LM features, next to the same scores of the data's own states. If
-the LM columns put the visited states much further out than the observations do, the
-critic meets larger out-of-data inputs with the LM than without.
+scored in the z-units the critic reads, for the standardised observations (the policy's own
+fitted d3rlpy scaler) and for the standardised LM features, next to the same scores of the
+data's own states. If the LM columns put the visited states much further out than the
+observations do, the critic meets larger out-of-data inputs with the LM than without.
 
     python benchmarks/feature_shift.py --dataset data/grid/Hopper-v5/Hopper-v5-low-99-train.npz \\
         --policy experiments/grid/runs/<a TD3+BC run> --env Hopper-v5 --description hopper
@@ -22,10 +22,11 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from d3rlpy.base import LearnableBase
 
 from lmencoders.backbone import DEFAULT_MODEL
 from lmencoders.cache import default_cache_dir
-from lmencoders.datasets import load_dataset, read_neorl_file, replay_buffer_observations
+from lmencoders.datasets import load_dataset
 from lmencoders.description import load_description
 from lmencoders.envs import make_env
 from lmencoders.features import (
@@ -36,13 +37,9 @@ from lmencoders.features import (
 )
 from lmencoders.saving import load_model
 
-# d3rlpy's StandardObservationScaler adds this to every std, as STD_EPSILON does for features
-OBSERVATION_EPSILON = 1e-3
 
-
-def visited_states(policy_path: str, env_name: str, episodes: int, seed: int) -> np.ndarray:
+def visited_states(algo: LearnableBase, env_name: str, episodes: int, seed: int) -> np.ndarray:
     """Every observation the policy meets in ``episodes`` episodes (deterministic actions)."""
-    algo = load_model(policy_path)
     env = make_env(env_name)
     states = []
     for episode in range(episodes):
@@ -79,22 +76,23 @@ def main() -> None:
     parser.add_argument("--data-sample", type=int, default=2000, help="data states to score")
     args = parser.parse_args()
 
-    data = read_neorl_file(args.dataset)
     description = load_description(args.description)
     # the rows the grid's precompute encoded, so its cache file is found
-    seen = replay_buffer_observations(load_dataset(args.dataset).buffer)
+    seen = load_dataset(args.dataset).observations()
     precompute_features(seen, description, cache_dir=default_cache_dir())
     table = frozen_features(DEFAULT_MODEL, description)  # the table LM-Standardized reads
     statistics = feature_statistics(table, seen)
-    obs_mean = data.obs.mean(axis=0)
-    obs_std = data.obs.std(axis=0) + OBSERVATION_EPSILON
 
-    visited = visited_states(args.policy, args.env, args.episodes, args.seed)
-    sample = np.random.default_rng(args.seed).choice(len(data.obs), args.data_sample, False)
+    algo = load_model(args.policy)
+    scaler = algo.observation_scaler  # fitted on the policy's training data when it trained
+    if scaler is None or not scaler.built:
+        parser.error(f"--policy {args.policy}: its model has no fitted observation scaler")
+    visited = visited_states(algo, args.env, args.episodes, args.seed)
+    sample = np.random.default_rng(args.seed).choice(len(seen), args.data_sample, False)
     rows = []
-    for name, states in [("data", data.obs[sample]), ("policy", visited)]:
+    for name, states in [("data", seen[sample]), ("policy", visited)]:
         features = table(states)
-        rows.append((name, "observations", z_summary((states - obs_mean) / obs_std)))
+        rows.append((name, "observations", z_summary(scaler.transform_numpy(states))))
         rows.append((name, "LM features", z_summary((features - statistics.mean) / statistics.std)))
     keys = list(rows[0][2])
     print(
