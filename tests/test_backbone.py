@@ -55,6 +55,31 @@ def test_long_texts_are_chunked_between_segments_and_pooled_by_token_count(tiny_
         assert torch.allclose(ours[row], expected, atol=1e-4)
 
 
+def test_a_tokenizer_that_merges_across_the_separator_still_gets_chunks_that_fit():
+    """Chunks are packed by token counts read off the whole text; where a token spans the
+    separator and a segment, those counts fall short (here: to nothing), and the text is
+    packed again from its segments tokenised alone instead of failing or truncating."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel({"[UNK]": 0, "[CLS]": 1, "[SEP]": 2}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[^ ]+"), behavior="isolated")
+    raw.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+    offsets = tokenizer("w0 w1", return_offsets_mapping=True)["offset_mapping"]
+    assert offsets == [(0, 0), (0, 2), (2, 5), (0, 0)]  # " w1" is one token
+    segments = [[f"w{i}" for i in range(10)], [f"v{i}" for i in range(10)]]
+    for with_pieces in (False, True):
+        chunks = tokenize_texts(tokenizer, segments, " ", 6, with_pieces=with_pieces)
+        # alone, a segment and the separator are one token each: two segments per chunk
+        assert [len(ids) for ids in chunks.ids] == [4] * 10
+        np.testing.assert_array_equal(chunks.owner, [0] * 5 + [1] * 5)
+
+
 def test_a_segment_longer_than_the_window_is_an_error_not_a_truncation(tiny_lm):
     lm = language_model(tiny_lm)
     with pytest.raises(TextTooLongError, match="64 tokens"):

@@ -12,7 +12,6 @@ from test_encoders import ALGORITHMS, build, checkpoint_state, fit
 import lmencoders
 from lmencoders import LMEncoderFactory, load_description
 from lmencoders.backbone import language_model
-from lmencoders.tokens import _pack_segments
 
 
 def factory_for(tiny_lm: str, **kwargs) -> LMEncoderFactory:
@@ -49,10 +48,12 @@ def plain_piece_means(path: str, segments: list[str], separator: str) -> torch.T
 def expected_pieces(path: str, pieces: list[str], separator: str) -> torch.Tensor:
     """Plain piece means of each chunk the text is cut into (one chunk if it fits)."""
     lm = language_model(path)
-    budget = lm.window - lm.tokenizer.num_special_tokens_to_add()
-    ranges = _pack_segments(lm.tokenizer, pieces, separator, budget, lm.window)
-    if len(lm.tokenizer(separator.join(pieces))["input_ids"]) <= lm.window:
-        ranges = [(0, len(pieces))]
+    ranges, first = [], 0  # by hand: as many consecutive pieces as fit, tokenised together
+    for end in range(2, len(pieces) + 1):
+        if len(lm.tokenizer(separator.join(pieces[first:end]))["input_ids"]) > lm.window:
+            ranges.append((first, end - 1))
+            first = end - 1
+    ranges.append((first, len(pieces)))
     return torch.cat([plain_piece_means(path, pieces[a:b], separator) for a, b in ranges])
 
 
