@@ -111,28 +111,31 @@ def tokenize_texts(
     encoded = tokenizer(
         texts, add_special_tokens=True, return_offsets_mapping=with_pieces or likely_long
     )
-    budget = max_length - tokenizer.num_special_tokens_to_add()
-    sep_count = len(
-        tokenizer(separator.strip() or separator, add_special_tokens=False)["input_ids"]
-    )
     long_texts = [i for i, ids in enumerate(encoded["input_ids"]) if len(ids) > max_length]
-    ranges = {
-        index: _pack_segments(counts, segments[index], sep_count, budget, max_length)
-        for index, counts in _long_text_counts(
-            tokenizer, segments, texts, separator, long_texts, encoded
-        ).items()
-    }
-    chunked = _tokenize_chunks(tokenizer, segments, separator, ranges, with_pieces)
-    overflowing = {i for i, (ids, _) in chunked if any(len(c) > max_length for c in ids)}
-    if overflowing:
-        for index in overflowing:
-            counts = _segment_token_counts(tokenizer, segments[index])
-            ranges[index] = _pack_segments(counts, segments[index], sep_count, budget, max_length)
-        again = _tokenize_chunks(
-            tokenizer, segments, separator, {i: ranges[i] for i in overflowing}, with_pieces
+    ranges: dict[int, list[tuple[int, int]]] = {}
+    by_text: dict[int, tuple[list, list | None]] = {}
+    if long_texts:  # short texts, the common case, need no more tokenizer calls
+        budget = max_length - tokenizer.num_special_tokens_to_add()
+        sep_count = len(
+            tokenizer(separator.strip() or separator, add_special_tokens=False)["input_ids"]
         )
-        chunked = [item for item in chunked if item[0] not in overflowing] + again
-    by_text = dict(chunked)
+        counts = _long_text_counts(tokenizer, segments, texts, separator, long_texts, encoded)
+        for index in long_texts:
+            ranges[index] = _pack_segments(
+                counts[index], segments[index], sep_count, budget, max_length
+            )
+        by_text = _tokenize_chunks(tokenizer, segments, separator, ranges, with_pieces)
+        overflowing = [
+            i for i, (ids, _) in by_text.items() if any(len(c) > max_length for c in ids)
+        ]
+        for index in overflowing:
+            exact = _segment_token_counts(tokenizer, segments[index])
+            ranges[index] = _pack_segments(exact, segments[index], sep_count, budget, max_length)
+        by_text.update(
+            _tokenize_chunks(
+                tokenizer, segments, separator, {i: ranges[i] for i in overflowing}, with_pieces
+            )
+        )
 
     out_ids: list[Sequence[int]] = []
     owner: list[int] = []
@@ -176,13 +179,9 @@ def _long_text_counts(
     long_texts: Sequence[int],
     encoded: Mapping[str, Any],
 ) -> dict[int, list[int]]:
-    """Per long text, the tokens of each of its segments: from the offsets of the whole
-    text's tokens (asked for here, for the long texts only, where the first call did not);
-    a tokenizer without offsets (not a fast one) counts each segment alone."""
-    if not long_texts:
-        return {}
-    if not getattr(tokenizer, "is_fast", False):
-        return {i: _segment_token_counts(tokenizer, segments[i]) for i in long_texts}
+    """Per long text, the tokens of each of its segments, from the offsets of the whole
+    text's tokens (asked for here, for the long texts only, where the first call did not;
+    the LM loader admits only fast tokenizers, which give offsets)."""
     if "offset_mapping" in encoded:
         offsets = [encoded["offset_mapping"][i] for i in long_texts]
     else:
@@ -202,19 +201,19 @@ def _tokenize_chunks(
     separator: str,
     ranges: dict[int, list[tuple[int, int]]],
     with_pieces: bool,
-) -> list[tuple[int, tuple[list, list | None]]]:
+) -> dict[int, tuple[list, list | None]]:
     """The chunks of every text in ``ranges``, tokenised in one call: per text, its chunks'
     ids and (with pieces) their offsets."""
     texts = [separator.join(segments[i][a:b]) for i, spans in ranges.items() for a, b in spans]
     if not texts:
-        return []
+        return {}
     encoded = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=with_pieces)
-    result = []
+    result = {}
     start = 0
     for index, spans in ranges.items():
         end = start + len(spans)
         offsets = encoded["offset_mapping"][start:end] if with_pieces else None
-        result.append((index, (encoded["input_ids"][start:end], offsets)))
+        result[index] = (encoded["input_ids"][start:end], offsets)
         start = end
     return result
 
