@@ -21,12 +21,14 @@
 # nice; LMENCODERS_BUDGET (seconds) stops a lane from starting new runs after that long;
 # LMENCODERS_THREADS=2 for a lane that runs alone (a long LM precompute that must end within
 # one session of a machine that may be reset after it).
-# Data go to data/grid/<task>/ and runs to experiments/grid/ (both ignored by git: a lent
-# machine that is reset takes them along); each finished run's record goes to the ledger,
-# results/grid/ (commit it), from which the report is made and which the grid skips; the
-# behaviour policies go to results/grid/policies/<task>/, from which the same collect command
-# remakes the files in minutes, without SAC: the same files on the same CPU and package versions
-# (collect.json's made_on), another draw elsewhere (MuJoCo grows a rounding difference).
+# Data go to data/grid/<task>/: the training files and collect.json are committed, so every
+# machine trains on the same draw (collect skips a file that collect.json says was made from
+# the same policy); runs go to experiments/grid/ (ignored by git: a lent machine that is reset
+# takes them along); each finished run's record goes to the ledger, results/grid/ (commit it),
+# from which the report is made and which the grid skips; the behaviour policies go to
+# results/grid/policies/<task>/, from which the same collect command remakes the files in
+# minutes, without SAC: the same files on the same CPU and package versions (collect.json's
+# made_on), another draw elsewhere (MuJoCo grows a rounding difference).
 # RESULTS.md lists each dataset with its md5 and the command that made it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
