@@ -265,20 +265,22 @@ def _experiment(args: argparse.Namespace) -> int:
     import json
 
     from .experiments import ExperimentConfig, run_experiment
-    from .files import atomic_write
+    from .files import atomic_write, hold_file
 
     config = from_args(ExperimentConfig, args)
     if config.dry_run:
         return _experiment_plan(config)
     log = Path(config.out_dir) / "experiment.json"
-    history = json.loads(log.read_text()) if log.is_file() else []
     command = args.invocation
-    history.append({"command": command, "config": dataclasses.asdict(config)})
-    atomic_write(log, lambda f: f.write(json.dumps(history, indent=1).encode()))
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with hold_file(log.with_name(log.name + ".lock")):  # two lanes starting at once keep both
+        history = json.loads(log.read_text()) if log.is_file() else []
+        history.append({"command": command, "config": dataclasses.asdict(config)})
+        atomic_write(log, lambda f: f.write(json.dumps(history, indent=1).encode()))
     counts = run_experiment(config, command)
     print(
         f"runs done {counts['done']}, already finished {counts['skipped']}, "
-        f"left for a later part {counts['left']}"
+        f"running in another process {counts['running']}, left for a later part {counts['left']}"
     )
     return 0
 

@@ -243,10 +243,11 @@ def plan_experiment(config: ExperimentConfig) -> list[tuple[str, str, int, tuple
 
 
 def run_experiment(config: ExperimentConfig, command: str | None = None) -> dict[str, int]:
-    """Run every missing (dataset, method, seed); returns counts of done/skipped/left runs.
-    ``command``, the shell command that asked for them, is recorded in each run's result."""
+    """Run every missing (dataset, method, seed); returns counts of done/skipped/running/left
+    runs. ``command``, the shell command that asked for them, is recorded in each run's result.
+    A run that another process is running (a second lane of the same grid) is left to it."""
     started = time.perf_counter()
-    counts = {"done": 0, "skipped": 0, "left": 0}
+    counts = {"done": 0, "skipped": 0, "running": 0, "left": 0}
     md5s: dict[str, str | None] = {}
     prepared: set[str] = set()
     bar = tqdm(_grid(config), desc="experiment", unit="run")
@@ -254,6 +255,10 @@ def run_experiment(config: ExperimentConfig, command: str | None = None) -> dict
         train_config = _train_config(config, dataset, method, seed)
         if _finished(config, train_config, md5s):
             counts["skipped"] += 1
+            continue
+        if run_state(train_config)[0] == "running":
+            counts["running"] += 1
+            bar.write(f"[{method}] {Path(dataset).name} seed {seed}: running in another process")
             continue
         over = time.perf_counter() - started > (config.time_budget or 0)
         if config.time_budget is not None and over:

@@ -33,6 +33,7 @@ from .cache import CacheKey, dataset_sha256, default_cache_dir, load_features, s
 from .checks import optional_positive, positive
 from .description import StateDescription, load_description
 from .errors import ConfigError, FeatureError
+from .files import hold_file
 from .table import FeatureTable, RowIndex, float_bits
 
 if TYPE_CHECKING:  # only the encoders module imports d3rlpy
@@ -479,13 +480,7 @@ def precompute_features(
             features = _compute_sharded(each, unique, raw, path, device, batch_size, show_progress)
             each.table.insert(unique, features, raw)
     elif missing:
-        computed = _compute_in_parts(
-            missing, unique, raw, part_rows, device, batch_size, show_progress
-        )
-        for (each, key, path), features in zip(missing, computed):
-            save_features(path, key, unique, features, raw)
-            each.table.insert(unique, features, raw)
-            _remove_parts(path)
+        _encode_missing(missing, unique, raw, part_rows, device, batch_size, show_progress)
     return finished("computed" if missing and missing[0][0] is table else "disk", paths[0])
 
 
@@ -502,14 +497,59 @@ def _compute(
     return [tables[0].compute(unique, device, batch_size, show_progress)]
 
 
+def _encode_missing(
+    missing: list[tuple[FrozenFeatures, CacheKey, Path]],
+    unique: np.ndarray,
+    raw: np.ndarray,
+    part_rows: int,
+    device: torch.device | str,
+    batch_size: int | None,
+    show_progress: bool,
+) -> None:
+    """Fill and cache the tables of ``missing``, sharing the work with any other process that
+    encodes the same dataset at the same time (two lanes of a grid on one dataset): each holds
+    the cache file's lock shared while it works and a part's own lock while it encodes that
+    part, so every part is encoded once; the last process out removes the parts."""
+    lock = _lock_path(missing[0][2])
+    finished = False
+    try:
+        with hold_file(lock, shared=True):
+            left = []
+            for each, key, path in missing:  # another process may have finished it meanwhile
+                cached = load_features(path, key, each.feature_size)
+                if cached is None:
+                    left.append((each, key, path))
+                else:
+                    each.table.insert(*cached)
+            if left:
+                computed = _compute_in_parts(
+                    left, unique, raw, part_rows, device, batch_size, show_progress
+                )
+                for (each, key, path), features in zip(left, computed):
+                    save_features(path, key, unique, features, raw)
+                    each.table.insert(unique, features, raw)
+            finished = True
+    finally:
+        with hold_file(lock, wait=False) as alone:
+            if alone:  # no other process is reading the parts; a failed one keeps them
+                for _, _, path in missing if finished else []:
+                    _remove_parts(path)
+                lock.unlink(missing_ok=True)
+
+
+def _lock_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.lock")
+
+
 def _part_path(path: Path, part: int, parts: int) -> Path:
     return path.with_name(f"{path.name}.part{part:05d}-of-{parts:05d}.npz")
 
 
 def _remove_parts(path: Path) -> None:
-    """Delete the part files of a finished cache file (those of any part size)."""
-    for part in path.parent.glob(f"{glob.escape(path.name)}.part*-of-*.npz"):
-        part.unlink(missing_ok=True)
+    """Delete the part files of a finished cache file and their locks (of any part size)."""
+    for pattern in ("part*-of-*.npz", "part*-of-*.npz.lock"):
+        for part in path.parent.glob(f"{glob.escape(path.name)}.{pattern}"):
+            part.unlink(missing_ok=True)
 
 
 def _compute_in_parts(
@@ -523,30 +563,54 @@ def _compute_in_parts(
 ) -> list[np.ndarray]:
     """:func:`_compute` of ``unique`` in parts of ``part_rows`` rows, each saved beside its
     table's cache file as it is done (keyed by the part's own rows, checked like any cache
-    file) and read back instead of encoded when it is already there."""
+    file) and read back instead of encoded when it is already there. A part that another
+    process is encoding is passed over, then waited for at the end."""
     tables = [each for each, _, _ in missing]
     parts = -(-len(unique) // part_rows)
     if parts == 1:
         return _compute(tables, unique, device, batch_size, show_progress)
-    done: list[list[np.ndarray]] = []
+
+    def rows(part: int) -> slice:
+        return slice(part * part_rows, (part + 1) * part_rows)
+
+    def files(part: int) -> list[Path]:
+        return [_part_path(path, part, parts) for _, _, path in missing]
+
+    def saved(part: int) -> list[np.ndarray] | None:
+        codes = unique[rows(part)]
+        keys = [_cache_key(each, codes) for each in tables]
+        found = [load_features(f, k, t.feature_size) for f, k, t in zip(files(part), keys, tables)]
+        return [f[1] for f in found] if all(f is not None for f in found) else None
+
+    def encoded(part: int) -> list[np.ndarray]:
+        codes = unique[rows(part)]
+        computed = _compute(tables, codes, device, batch_size, show_progress=False)
+        for file, each, features in zip(files(part), tables, computed):
+            save_features(file, _cache_key(each, codes), codes, features, raw[rows(part)])
+        return computed
+
+    done: dict[int, list[np.ndarray]] = {}
+    elsewhere = []  # parts that another process is encoding
     bar = tqdm(total=len(unique), desc="LM precompute", unit="obs", disable=not show_progress)
     for part in range(parts):
-        rows = slice(part * part_rows, (part + 1) * part_rows)
-        codes = unique[rows]
-        files = [_part_path(path, part, parts) for _, _, path in missing]
-        keys = [_cache_key(each, codes) for each in tables]
-        saved = [load_features(f, k, t.feature_size) for f, k, t in zip(files, keys, tables)]
-        if all(s is not None for s in saved):
-            done.append([s[1] for s in saved])
-            bar.set_postfix_str(f"resumed part {part + 1} of {parts}")
+        found = saved(part)
+        if found is None:
+            with hold_file(_lock_path(files(part)[0]), wait=False) as mine:
+                if not mine:
+                    elsewhere.append(part)
+                    continue
+                found = saved(part) or encoded(part)
         else:
-            computed = _compute(tables, codes, device, batch_size, show_progress=False)
-            for file, key, features in zip(files, keys, computed):
-                save_features(file, key, codes, features, raw[rows])
-            done.append(computed)
-        bar.update(len(codes))
+            bar.set_postfix_str(f"resumed part {part + 1} of {parts}")
+        done[part] = found
+        bar.update(len(unique[rows(part)]))
+    for part in elsewhere:
+        with hold_file(_lock_path(files(part)[0])):  # until that process has saved it
+            done[part] = saved(part) or encoded(part)  # or encoded here if it died first
+        bar.set_postfix_str(f"part {part + 1} of {parts} from another process")
+        bar.update(len(unique[rows(part)]))
     bar.close()
-    return [np.concatenate(columns) for columns in zip(*done)]
+    return [np.concatenate(columns) for columns in zip(*(done[p] for p in range(parts)))]
 
 
 def _cache_key(table: FrozenFeatures, unique_codes: np.ndarray) -> CacheKey:

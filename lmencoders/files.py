@@ -1,4 +1,5 @@
-"""Writing files so that an interrupted write never leaves a file that looks complete.
+"""Writing files so that an interrupted write never leaves a file that looks complete, and
+holding a file so that two processes do not do the same work at once.
 
 A temporary file carries the host and process that write it, so a later process can tell an
 orphan (its writer is gone: killed, out of memory) from a write still in progress.
@@ -6,16 +7,17 @@ orphan (its writer is gone: killed, out of memory) from a write still in progres
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write", "remove_orphaned_temporaries"]
+__all__ = ["atomic_write", "hold_file", "remove_orphaned_temporaries"]
 
 _umask = os.umask(0)
 os.umask(_umask)
@@ -70,3 +72,32 @@ def remove_orphaned_temporaries(folder: str | Path) -> list[Path]:
         except FileNotFoundError:  # its writer renamed or removed it meanwhile
             continue
     return removed
+
+
+@contextlib.contextmanager
+def hold_file(path: str | Path, *, shared: bool = False, wait: bool = True) -> Iterator[bool]:
+    """Hold an advisory lock on ``path`` (made empty, with its folder, if missing) while the
+    block runs.
+
+    Yields True once held; with ``wait=False`` it yields False at once, holding nothing, where
+    another process holds it. ``shared``: many holders at once, none while one holds it
+    exclusively. The operating system drops the hold when its process dies, so a killed
+    process never leaves work held. Where ``fcntl`` is missing (Windows) every file is free.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, mode)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from d3rlpy.logging import FileAdapter, FileAdapterFactory, LoggerAdapter, LoggerAdapterFactory
 
-from .files import atomic_write
+from .files import atomic_write, hold_file
 from .saving import load_states, module_states
 
 __all__ = [
@@ -115,24 +115,11 @@ def held(folder: Path, *, look_only: bool = False) -> Iterator[bool]:
     The operating system drops the hold when its process dies, so a killed run's folder is
     free again. Where ``fcntl`` is missing (Windows), every folder is free. ``look_only``:
     write nothing (a folder no process ever held is free)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield True
-        return
     if look_only and not (folder / LOCK).exists():
         yield True
         return
-    with open(folder / LOCK, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with hold_file(folder / LOCK, wait=False) as free:
+        yield free
 
 
 def _rng_state() -> dict[str, Any]:

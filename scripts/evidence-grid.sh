@@ -18,7 +18,9 @@
 #   LMENCODERS_LEVELS=low LMENCODERS_SEEDS="0 1 2" scripts/evidence-grid.sh train Hopper-v5 1
 #
 # On 2 cores run two lanes at a time, each with one torch thread (the script sets it), under
-# nice; LMENCODERS_BUDGET (seconds) stops a lane from starting new runs after that long;
+# nice; two lanes may take the same task (e.g. LMENCODERS_SEEDS="3" and "4", or the same
+# command twice): they share its LM precompute part by part and leave each other's running
+# run alone; LMENCODERS_BUDGET (seconds) stops a lane from starting new runs after that long;
 # LMENCODERS_THREADS=2 for a lane that runs alone (a long LM precompute that must end within
 # one session of a machine that may be reset after it).
 # Data go to data/grid/<task>/: the training files and collect.json are committed, so every

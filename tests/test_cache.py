@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 
 import lmencoders
 from lmencoders.features import clear_feature_caches, precompute_features
+from lmencoders.files import hold_file
 
 
 def observations(n=30, seed=0):
@@ -245,9 +248,9 @@ def test_an_interrupted_precompute_goes_on_from_its_last_part(tiny_lm, tmp_path,
     )
     with pytest.raises(Killed):
         precompute_features(obs, "hopper", cache_dir=tmp_path, **settings)
-    parts = sorted(p.name for p in tmp_path.glob("*.part*"))
+    parts = sorted(p.name for p in tmp_path.glob("*.part*.npz"))  # (and the parts' locks)
     assert len(parts) == 4 and all("-of-00004.npz" in p for p in parts)  # 2 parts x 2 poolings
-    assert all(".part" in p.name for p in tmp_path.iterdir())  # no cache file yet
+    assert not [p for p in tmp_path.glob("*.npz") if ".part" not in p.name]  # no cache file yet
 
     clear_feature_caches()  # a new process
     passes.clear()
@@ -286,7 +289,7 @@ def test_a_broken_part_file_is_encoded_again(tiny_lm, tmp_path, monkeypatch, lm_
     with pytest.raises(Killed):
         precompute_features(obs, "hopper", **settings)
     monkeypatch.setattr(features, "_compute", original)
-    parts = sorted(tmp_path.glob("*.part*"))
+    parts = sorted(tmp_path.glob("*.part*.npz"))
     assert [p.name[-22:] for p in parts] == ["part00000-of-00003.npz", "part00001-of-00003.npz"]
     parts[1].write_bytes(parts[1].read_bytes()[:100])  # cut short
     clear_feature_caches()
@@ -295,3 +298,39 @@ def test_a_broken_part_file_is_encoded_again(tiny_lm, tmp_path, monkeypatch, lm_
         report = precompute_features(obs, "hopper", **settings)
     assert lm_texts == [8, 4]  # the broken part and the missing one
     assert report.path.is_file() and not list(tmp_path.glob("*.part*"))
+
+
+def test_a_part_that_another_process_holds_is_passed_over_then_waited_for(
+    tiny_lm, tmp_path, lm_texts
+):
+    """Two lanes of a grid on one dataset share its precompute: a part whose lock another
+    process holds is left to it; at the end this one waits for it, and encodes it itself
+    when that process ended without saving it (killed)."""
+    obs = observations(n=20)
+    settings = dict(model=tiny_lm, part_rows=8, show_progress=False)
+    name = precompute_features(obs, "hopper", cache_dir=tmp_path / "first", **settings).path.name
+    expected = lmencoders.embed_observations(obs, "hopper", model=tiny_lm, show_progress=False)
+    clear_feature_caches()
+    lm_texts.clear()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    worker = threading.Thread(
+        target=precompute_features, args=(obs, "hopper"), kwargs=dict(cache_dir=shared, **settings)
+    )
+    with hold_file(shared / f"{name}.part00001-of-00003.npz.lock"):  # as another process would
+        worker.start()
+        deadline = time.monotonic() + 60
+        while not (shared / f"{name}.part00002-of-00003.npz").exists():
+            assert time.monotonic() < deadline, "the third part was never saved"
+            time.sleep(0.05)
+        assert worker.is_alive() and lm_texts == [8, 4]  # parts 1 and 3; part 2 waits
+        assert not (shared / f"{name}.part00001-of-00003.npz").exists()
+    worker.join(60)
+    assert not worker.is_alive() and lm_texts == [8, 4, 8]  # then part 2, once free
+    assert sorted(p.name for p in shared.iterdir()) == [name]  # no part or lock file left
+    clear_feature_caches()
+    lm_texts.clear()
+    assert precompute_features(obs, "hopper", cache_dir=shared, **settings).source == "disk"
+    loaded = lmencoders.embed_observations(obs, "hopper", model=tiny_lm, show_progress=False)
+    assert lm_texts == []  # read from the shared cache file
+    np.testing.assert_allclose(loaded, expected, atol=1e-5)

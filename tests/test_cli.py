@@ -259,6 +259,33 @@ def test_describe_prints_text_and_token_count(tiny_lm, capsys):
     assert text.startswith("x position: ") and count.startswith("(") and "tokens" in count
 
 
+def test_a_run_that_another_lane_is_running_is_left_to_it(collected, tmp_path, capsys):
+    """Two lanes of one grid: a run that the other lane holds is neither started again in a
+    fresh folder nor counted as finished; the rest run."""
+    from lmencoders.cli import build_parser
+    from lmencoders.experiments import ExperimentConfig, grid_run_names
+    from lmencoders.options import from_args
+    from lmencoders.resume import held
+
+    out, _ = collected
+    args = ["experiment", "--datasets", str(out / "Hopper-v5-low-3-train.npz")]
+    args += ["--methods", "BC", "--seeds", "0", "--steps", "10", "--eval-every", "10"]
+    args += ["--eval-episodes", "1"]
+    args += ["--out", str(tmp_path / "exp")]
+    config = from_args(ExperimentConfig, build_parser().parse_args(args))
+    (name,) = grid_run_names(config)
+    busy = tmp_path / "exp" / "runs" / f"{name}-1"
+    busy.mkdir(parents=True)
+    with held(busy):  # as the other lane, running it
+        assert main(args) == 0
+        assert "runs done 0, already finished 0, running in another process 1" in (
+            capsys.readouterr().out
+        )
+        assert [p.name for p in busy.parent.iterdir()] == [busy.name]
+    assert main(args) == 0  # that lane was killed: its run is taken up
+    assert "runs done 1," in capsys.readouterr().out
+
+
 def test_bad_input_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "x.npz").write_bytes(b"not a zip")
     assert main(["precompute", str(tmp_path / "x.npz"), "--description", "hopper"]) == 2
@@ -301,11 +328,14 @@ def test_experiment_runs_in_resumable_parts_and_reports(
     assert "finished 0, running 0, to continue 0, to start 4" in listed
     assert not (tmp_path / "exp").exists()
     assert main(args + ["--time-budget", "0"]) == 0  # budget spent: nothing new starts
-    assert "runs done 0, already finished 0, left for a later part 4" in capsys.readouterr().out
+    done = (
+        "runs done {}, already finished {}, running in another process 0, left for a later part {}"
+    )
+    assert done.format(0, 0, 4) in capsys.readouterr().out
     assert main(args + ["--seeds", "0"]) == 0  # a first part
-    assert "runs done 2, already finished 0, left for a later part 0" in capsys.readouterr().out
+    assert done.format(2, 0, 0) in capsys.readouterr().out
     assert main(args) == 0  # the rest; finished runs are skipped
-    assert "runs done 2, already finished 2, left for a later part 0" in capsys.readouterr().out
+    assert done.format(2, 2, 0) in capsys.readouterr().out
     lm_run = next((tmp_path / "exp" / "runs").glob("*lm-frozen-seed0-*/result.json"))
     lm_result = json.loads(lm_run.read_text())
     assert lm_result["config"]["model"] == tiny_lm
