@@ -531,9 +531,10 @@ def _encode_missing(
             finished = True
     finally:
         with hold_file(lock, wait=False) as alone:
-            if alone:  # no other process is reading the parts; a failed one keeps them
-                for _, _, path in missing if finished else []:
-                    _remove_parts(path)
+            if alone:  # no other process is reading the parts
+                if finished:  # a failed precompute keeps them: the next one goes on from them
+                    for _, _, path in missing:
+                        _remove_parts(path)
                 lock.unlink(missing_ok=True)
 
 
