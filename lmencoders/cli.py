@@ -272,7 +272,6 @@ def _experiment(args: argparse.Namespace) -> int:
         return _experiment_plan(config)
     log = Path(config.out_dir) / "experiment.json"
     command = args.invocation
-    log.parent.mkdir(parents=True, exist_ok=True)
     with hold_file(log.with_name(log.name + ".lock")):  # two lanes starting at once keep both
         history = json.loads(log.read_text()) if log.is_file() else []
         history.append({"command": command, "config": dataclasses.asdict(config)})
