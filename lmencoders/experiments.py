@@ -22,6 +22,7 @@ from .datasets import dataset_md5
 from .errors import ConfigError
 from .ledger import Ledger, run_record
 from .options import option
+from .resume import held
 from .train import (
     TrainConfig,
     finished_run,
@@ -40,6 +41,9 @@ __all__ = [
     "plan_experiment",
     "run_experiment",
 ]
+
+# beside the experiment's "runs": a folder per run that a lane is running (_claim)
+CLAIMS = "claims"
 
 
 class Method(NamedTuple):
@@ -236,9 +240,11 @@ def plan_experiment(config: ExperimentConfig) -> list[tuple[str, str, int, tuple
     for dataset, seed, method in _grid(config):
         train_config = _train_config(config, dataset, method, seed)
         recorded = config.ledger is not None and _finished(config, train_config, md5s)
-        plan.append(
-            (dataset, method, seed, ("finished", 0) if recorded else run_state(train_config))
-        )
+        state = ("finished", 0) if recorded else run_state(train_config)
+        with held(_claim(config, train_config), look_only=True) as free:
+            if not free and state[0] != "finished":  # a lane has it, before its folder exists
+                state = ("running", state[1])
+        plan.append((dataset, method, seed, state))
     return plan
 
 
@@ -256,29 +262,42 @@ def run_experiment(config: ExperimentConfig, command: str | None = None) -> dict
         if _finished(config, train_config, md5s):
             counts["skipped"] += 1
             continue
-        if run_state(train_config)[0] == "running":
-            counts["running"] += 1
-            bar.write(f"[{method}] {Path(dataset).name} seed {seed}: running in another process")
-            continue
-        over = time.perf_counter() - started > (config.time_budget or 0)
-        if config.time_budget is not None and over:
-            counts["left"] += 1
-            continue
-        if dataset not in prepared and train_config.encoder == "lm":
-            # at the dataset's first LM run, not its first run: the runs without an LM (minutes)
-            # need not wait for an LM pass over the dataset (hours for FinRL on a CPU)
-            prepared.add(dataset)
-            _precompute_together(config, dataset, _pending_methods(config, dataset))
-        bar.write(f"[{method}] {Path(dataset).name} seed {seed}")
-        result = train(train_config, command)
-        if config.ledger is not None:
-            Ledger(config.ledger).add(
-                run_record(Path(train_config.out_dir) / result["run"], result)
-            )
+        with held(_claim(config, train_config)) as mine:
+            if mine and _finished(config, train_config, md5s):  # by the lane that held it
+                counts["skipped"] += 1
+                continue
+            if not mine or run_state(train_config)[0] == "running":
+                counts["running"] += 1
+                where = f"[{method}] {Path(dataset).name} seed {seed}"
+                bar.write(f"{where}: running in another process")
+                continue
+            over = time.perf_counter() - started > (config.time_budget or 0)
+            if config.time_budget is not None and over:
+                counts["left"] += 1
+                continue
+            if dataset not in prepared and train_config.encoder == "lm":
+                # at the dataset's first LM run, not its first run: the runs without an LM
+                # (minutes) need not wait for an LM pass over the dataset (hours for FinRL)
+                prepared.add(dataset)
+                _precompute_together(config, dataset, _pending_methods(config, dataset))
+            bar.write(f"[{method}] {Path(dataset).name} seed {seed}")
+            result = train(train_config, command)
+            if config.ledger is not None:
+                Ledger(config.ledger).add(
+                    run_record(Path(train_config.out_dir) / result["run"], result)
+                )
         evaluation = result["evaluation"]
         bar.write(f"  return {evaluation['mean_return']:.1f} in {result['train_seconds']:.0f} s")
         counts["done"] += 1
     return counts
+
+
+def _claim(config: ExperimentConfig, train_config: TrainConfig) -> Path:
+    """The folder that the lane running this run holds (:func:`~lmencoders.resume.held`) from
+    before it looks at the run's folders until its record is written. A run folder's own hold
+    comes too late for lanes: two that reach a run together (as when both waited for one
+    precompute) would both find it free while loading their data, and run it twice."""
+    return Path(config.out_dir) / CLAIMS / run_name(train_config)
 
 
 def _pending_methods(config: ExperimentConfig, dataset: str) -> set[str]:

@@ -286,6 +286,38 @@ def test_a_run_that_another_lane_is_running_is_left_to_it(collected, tmp_path, c
     assert "runs done 1," in capsys.readouterr().out
 
 
+def test_a_run_that_another_lane_has_just_taken_is_left_to_it(collected, tmp_path, capsys):
+    """Two lanes that reach a run together (as when both waited for one precompute): the
+    lane that takes it first runs it, and the other, finding no run folder yet (the first is
+    still loading its data), neither starts it in a second folder nor counts it as to start."""
+    from lmencoders.cli import build_parser
+    from lmencoders.experiments import CLAIMS, ExperimentConfig, grid_run_names
+    from lmencoders.options import from_args
+    from lmencoders.resume import held
+
+    out, _ = collected
+    args = ["experiment", "--datasets", str(out / "Hopper-v5-low-3-train.npz")]
+    args += ["--methods", "BC", "--seeds", "0", "--steps", "10", "--eval-every", "10"]
+    args += ["--eval-episodes", "1", "--out", str(tmp_path / "exp")]
+    config = from_args(ExperimentConfig, build_parser().parse_args(args))
+    (name,) = grid_run_names(config)
+    with held(tmp_path / "exp" / CLAIMS / name) as mine:  # the other lane, loading its data
+        assert mine
+        assert main([*args, "--dry-run"]) == 0
+        assert "finished 0, running 1, to continue 0, to start 0" in capsys.readouterr().out
+        assert main(args) == 0
+        assert "runs done 0, already finished 0, running in another process 1" in (
+            capsys.readouterr().out
+        )
+        assert not (tmp_path / "exp" / "runs").exists()
+    assert main(args) == 0  # that lane was killed before its run began: the run is taken up
+    assert "runs done 1," in capsys.readouterr().out
+    assert main(args) == 0
+    assert "runs done 0, already finished 1, running in another process 0" in (
+        capsys.readouterr().out
+    )
+
+
 def test_bad_input_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "x.npz").write_bytes(b"not a zip")
     assert main(["precompute", str(tmp_path / "x.npz"), "--description", "hopper"]) == 2
