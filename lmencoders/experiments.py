@@ -241,9 +241,10 @@ def plan_experiment(config: ExperimentConfig) -> list[tuple[str, str, int, tuple
         train_config = _train_config(config, dataset, method, seed)
         recorded = config.ledger is not None and _finished(config, train_config, md5s)
         state = ("finished", 0) if recorded else run_state(train_config)
-        with held(_claim(config, train_config), look_only=True) as free:
-            if not free and state[0] != "finished":  # a lane has it, before its folder exists
-                state = ("running", state[1])
+        if state[0] != "finished":
+            with held(_claim(config, train_config), look_only=True) as free:
+                if not free:  # a lane has taken it, before its folder exists
+                    state = ("running", state[1])
         plan.append((dataset, method, seed, state))
     return plan
 

@@ -259,21 +259,26 @@ def test_describe_prints_text_and_token_count(tiny_lm, capsys):
     assert text.startswith("x position: ") and count.startswith("(") and "tokens" in count
 
 
-def test_a_run_that_another_lane_is_running_is_left_to_it(collected, tmp_path, capsys):
-    """Two lanes of one grid: a run that the other lane holds is neither started again in a
-    fresh folder nor counted as finished; the rest run."""
+def one_run_grid(collected, out) -> tuple[list[str], str]:
+    """An ``experiment`` command of one short BC run writing under ``out``, and its run name."""
     from lmencoders.cli import build_parser
     from lmencoders.experiments import ExperimentConfig, grid_run_names
     from lmencoders.options import from_args
+
+    data, _ = collected
+    args = ["experiment", "--datasets", str(data / "Hopper-v5-low-3-train.npz")]
+    args += ["--methods", "BC", "--seeds", "0", "--steps", "10", "--eval-every", "10"]
+    args += ["--eval-episodes", "1", "--out", str(out)]
+    (name,) = grid_run_names(from_args(ExperimentConfig, build_parser().parse_args(args)))
+    return args, name
+
+
+def test_a_run_that_another_lane_is_running_is_left_to_it(collected, tmp_path, capsys):
+    """Two lanes of one grid: a run that the other lane holds is neither started again in a
+    fresh folder nor counted as finished; the rest run."""
     from lmencoders.resume import held
 
-    out, _ = collected
-    args = ["experiment", "--datasets", str(out / "Hopper-v5-low-3-train.npz")]
-    args += ["--methods", "BC", "--seeds", "0", "--steps", "10", "--eval-every", "10"]
-    args += ["--eval-episodes", "1"]
-    args += ["--out", str(tmp_path / "exp")]
-    config = from_args(ExperimentConfig, build_parser().parse_args(args))
-    (name,) = grid_run_names(config)
+    args, name = one_run_grid(collected, tmp_path / "exp")
     busy = tmp_path / "exp" / "runs" / f"{name}-1"
     busy.mkdir(parents=True)
     with held(busy):  # as the other lane, running it
@@ -290,17 +295,10 @@ def test_a_run_that_another_lane_has_just_taken_is_left_to_it(collected, tmp_pat
     """Two lanes that reach a run together (as when both waited for one precompute): the
     lane that takes it first runs it, and the other, finding no run folder yet (the first is
     still loading its data), neither starts it in a second folder nor counts it as to start."""
-    from lmencoders.cli import build_parser
-    from lmencoders.experiments import CLAIMS, ExperimentConfig, grid_run_names
-    from lmencoders.options import from_args
+    from lmencoders.experiments import CLAIMS
     from lmencoders.resume import held
 
-    out, _ = collected
-    args = ["experiment", "--datasets", str(out / "Hopper-v5-low-3-train.npz")]
-    args += ["--methods", "BC", "--seeds", "0", "--steps", "10", "--eval-every", "10"]
-    args += ["--eval-episodes", "1", "--out", str(tmp_path / "exp")]
-    config = from_args(ExperimentConfig, build_parser().parse_args(args))
-    (name,) = grid_run_names(config)
+    args, name = one_run_grid(collected, tmp_path / "exp")
     with held(tmp_path / "exp" / CLAIMS / name) as mine:  # the other lane, loading its data
         assert mine
         assert main([*args, "--dry-run"]) == 0
